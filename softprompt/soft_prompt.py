@@ -1,0 +1,200 @@
+"""The soft prompt: n learned vectors in the output space of the model's input embedding,
+how they are initialised, and how they are put in front of a batch of token embeddings."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError, ModelError
+
+
+@dataclass
+class SoftPrompt:
+    """A soft prompt: a float32 tensor of shape (n_tokens, dim) and its metadata.
+
+    ``meta`` holds name, description, author, supported (model names) and whatever the
+    trainer records (init, steps, val_loss...). Values are JSON-friendly.
+    """
+
+    tensor: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.tensor.dim() == 3 and self.tensor.shape[0] == 1:
+            self.tensor = self.tensor[0]
+        if self.tensor.dim() != 2:
+            raise ModelError(f"a soft prompt is 2-D (n_tokens, dim); got shape {tuple(self.tensor.shape)}")
+        self.tensor = self.tensor.detach().to("cpu", torch.float32).contiguous()
+
+    @property
+    def n_tokens(self) -> int:
+        return self.tensor.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.tensor.shape[1]
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("name") or "softprompt")
+
+    def check_fits(self, model: torch.nn.Module, where: str = "soft prompt") -> None:
+        """Raise if the vectors do not match the model's input embedding width."""
+        want = model.get_input_embeddings().embedding_dim
+        if self.dim != want:
+            raise ModelError(
+                f"{where} has width {self.dim} but the model's input embeddings are {want} wide: "
+                "it was made for another model"
+            )
+
+    @classmethod
+    def load(cls, path: str | Path) -> SoftPrompt:
+        """Read any soft prompt file softprompt knows (see softprompt.formats)."""
+        from .formats import load_any
+
+        return load_any(path)
+
+    def save(self, path: str | Path, format: str | None = None) -> Path:
+        """Write the soft prompt; the format follows the extension unless given."""
+        from .formats import save
+
+        return save(self, path, format)
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+
+def special_token_ids(tokenizer) -> set[int]:
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids.update(int(i) for i in added)
+    return ids
+
+
+@torch.no_grad()
+def embed_ids(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Vectors of token ids as the input embedding module outputs them, float32 (n, d)."""
+    emb = model.get_input_embeddings()
+    return emb(ids.to(emb.weight.device)).float().cpu()
+
+
+def init_tensor(
+    model: torch.nn.Module,
+    tokenizer,
+    init: str,
+    n_tokens: int | None,
+    init_text: str | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Initial soft prompt vectors, float32 (n, d).
+
+    text: the init text's token vectors, repeated or cut to n_tokens (its own length when
+    n_tokens is None). vocab: n distinct ids sampled from the vocabulary, special tokens
+    excluded. random: uniform noise with the embedding table's per-element spread.
+    """
+    from .config import DEFAULT_TOKENS
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab_size = min(model.get_input_embeddings().num_embeddings, len(tokenizer))
+    if init == "text":
+        text = read_init_text(init_text)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ConfigError("--init-text gives no tokens: use a longer text")
+        n = n_tokens or len(ids)
+        ids = (ids * (n // len(ids) + 1))[:n]
+        return embed_ids(model, torch.tensor(ids))
+    n = n_tokens or DEFAULT_TOKENS
+    if init == "vocab":
+        allowed = torch.ones(vocab_size, dtype=torch.bool)
+        for i in special_token_ids(tokenizer):
+            if 0 <= i < vocab_size:
+                allowed[i] = False
+        pool = allowed.nonzero().squeeze(1)
+        if len(pool) < n:
+            raise ConfigError(
+                f"--init vocab needs {n} distinct ordinary tokens but the vocabulary has {len(pool)}"
+            )
+        ids = pool[torch.randperm(len(pool), generator=gen)[:n]]
+        return embed_ids(model, ids)
+    if init == "random":
+        sample = torch.randperm(vocab_size, generator=gen)[: min(vocab_size, 4096)]
+        std = embed_ids(model, sample).std().item()
+        half_width = std * 3**0.5  # a uniform on [-a, a] has std a / sqrt(3)
+        d = model.get_input_embeddings().embedding_dim
+        return (torch.rand(n, d, generator=gen) * 2 - 1) * half_width
+    raise ConfigError(f"--init must be one of text, vocab, random (got {init!r})")
+
+
+def read_init_text(value: str | None) -> str:
+    """--init-text is either the text itself or a path to a UTF-8 text file."""
+    if not value:
+        raise ConfigError("--init text needs --init-text TEXT_OR_FILE")
+    if len(value) < 4096 and "\n" not in value:
+        p = Path(value).expanduser()
+        try:
+            if p.is_file():
+                return p.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--init-text file {p} cannot be read as UTF-8 text: {e}") from None
+    return value
+
+
+# ----------------------------------------------------------------------------- forward pass
+
+
+def prepend(model: torch.nn.Module, soft: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Token embeddings of ``input_ids`` (B, T) with the soft prompt in front: (B, n + T, d).
+
+    The soft prompt (n, d) is cast to the embedding dtype here, so its master copy stays float32.
+    """
+    tok = model.get_input_embeddings()(input_ids)  # (B, T, d)
+    prefix = soft.to(device=tok.device, dtype=tok.dtype).unsqueeze(0).expand(tok.shape[0], -1, -1)
+    return torch.cat([prefix, tok], dim=1)
+
+
+@functools.lru_cache(maxsize=64)
+def _logits_kwarg(forward_cls: type) -> str | None:
+    params = inspect.signature(forward_cls.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return name
+    return None
+
+
+def block_logits(model: torch.nn.Module, soft: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """Logits predicting every token of ``block`` (B, T) from the soft prompt and the tokens
+    before it: (B, T, V). The last token is not fed in, and no LM head work is done on the
+    soft positions except the last one, which predicts the block's first token."""
+    embeds = prepend(model, soft, block[:, :-1])  # (B, n + T - 1, d)
+    keep = n_predicted(soft.shape[0], block.shape[1])
+    key = _logits_kwarg(type(model))
+    if key is not None:
+        return model(inputs_embeds=embeds, use_cache=False, **{key: keep}).logits
+    return model(inputs_embeds=embeds, use_cache=False).logits[:, -keep:]
+
+
+def n_predicted(n_soft: int, T: int) -> int:
+    """How many tokens of a T-token block get a prediction: all of them when there is a soft
+    prompt (its last vector predicts the first token), else all but the first."""
+    return T if n_soft > 0 else T - 1
+
+
+def block_loss(
+    model: torch.nn.Module, soft: torch.Tensor, block: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy (float32) of every token of ``block`` (B, T) given the soft prompt."""
+    logits = block_logits(model, soft, block)  # (B, keep, V)
+    labels = block[:, block.shape[1] - logits.shape[1] :]  # (B, keep)
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.to(logits.device).reshape(-1),
+        reduction=reduction,
+    )

@@ -1,0 +1,499 @@
+"""Train a soft prompt: setup -> fit -> validate -> save.
+
+The loop in ``train`` reads top to bottom: check the output folder, read the dataset, load
+the frozen model, tokenize and cut blocks, initialise (or resume) the soft prompt, then run
+optimizer steps with accumulation, clipping, warmup + cosine, validation and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from .config import DEFAULT_TOKENS, TrainConfig, to_toml
+from .data import make_blocks, read_dataset, split_blocks, token_stream, tokenize_dataset
+from .errors import ConfigError, DataError, RunError
+from .fileio import atomic_write, safe_filename, write_text
+from .formats import kobold, native
+from .model import LoadedModel, load_model
+from .soft_prompt import SoftPrompt, block_loss, init_tensor
+
+log = logging.getLogger(__name__)
+
+SOFTPROMPT_FILE = "softprompt.safetensors"
+CONFIG_FILE = "config.toml"
+METRICS_FILE = "metrics.jsonl"
+CPU_BLOCK_CAP, GPU_BLOCK_CAP = 512, 2048
+
+
+class Interrupted(RunError):
+    """Training stopped on Ctrl-C or SIGTERM after saving a checkpoint."""
+
+    exit_code = 130
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    soft_prompt: SoftPrompt
+    output: Path
+    files: dict[str, Path]
+    steps: int
+    val_loss_before: float | None
+    val_loss_after: float | None
+    tokens_seen: int
+    seconds: float
+    config: TrainConfig
+    metrics: list[dict] = field(default_factory=list)
+
+    @property
+    def perplexity_before(self) -> float | None:
+        return _ppl(self.val_loss_before)
+
+    @property
+    def perplexity_after(self) -> float | None:
+        return _ppl(self.val_loss_after)
+
+
+def _ppl(loss: float | None) -> float | None:
+    return None if loss is None else math.exp(min(loss, 50.0))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def train(config: TrainConfig | None = None, *, model: LoadedModel | None = None, **options: Any) -> TrainResult:
+    """Train a soft prompt. ``train(dataset="texts/", output="out", max_steps=100)`` or
+    ``train(TrainConfig(...))``. A model already loaded with ``load_model`` may be passed to
+    skip loading it again. Raises SoftPromptError subclasses for anything the user can fix."""
+    cfg = dataclasses.replace(config, **options) if config else TrainConfig(**options)
+    cfg.validate()
+    out = Path(cfg.output).expanduser()
+    checkpoint = check_output(out, cfg)
+
+    # --- data (read before the model loads, so a bad dataset fails in a second)
+    texts = read_dataset(cfg.dataset, cfg.recursive, cfg.skip_bad_files)
+    if checkpoint is not None and not cfg.force and checkpoint["dataset_hash"] != texts.content_hash:
+        raise RunError(
+            f"--resume: the dataset {cfg.dataset} changed since the checkpoint in {out} was written; "
+            "pass --force to resume on the new data anyway, or use another --output"
+        )
+
+    # --- model
+    lm = model or load_model(cfg.model, cfg.device, cfg.dtype)
+    if checkpoint is not None and not cfg.force and checkpoint["model"] != lm.source:
+        raise RunError(
+            f"--resume: the checkpoint in {out} was trained on {checkpoint['model']}, not {lm.source}; "
+            "pass the same --model, or --force"
+        )
+    context = lm.context_length
+
+    # --- soft prompt length and blocks
+    n_tokens = resolve_tokens(cfg, lm, checkpoint)
+    if n_tokens >= context:
+        raise ConfigError(f"--tokens {n_tokens} must be less than the model's context of {context} tokens")
+    block_size = cfg.block_size or default_block_size(context, n_tokens, lm.device)
+    if n_tokens + block_size > context:
+        raise ConfigError(
+            f"--block-size {block_size} plus {n_tokens} soft tokens exceeds the model's context of "
+            f"{context}: use --block-size {context - n_tokens} or less"
+        )
+    corpus = tokenize_dataset(texts, lm.tokenizer, cfg.cache_dir)
+    del texts
+    stream = token_stream(corpus, lm.eos_token_id, cfg.seed)
+    blocks = make_blocks(stream, block_size)
+    need = 1 if cfg.val_fraction == 0 else 2
+    if len(blocks) < need:
+        raise DataError(
+            f"dataset {cfg.dataset} has {len(stream)} tokens, fewer than {need} block(s) of {block_size}: "
+            f"add text or lower --block-size (e.g. --block-size {max(2, len(stream) // (need + 1))})"
+        )
+    train_blocks, val_blocks = split_blocks(blocks, cfg.val_fraction, cfg.val_max_blocks)
+    if cfg.grad_accum > len(train_blocks):
+        raise ConfigError(
+            f"--grad-accum {cfg.grad_accum} is more than the {len(train_blocks)} training blocks: "
+            f"use --grad-accum {len(train_blocks)} or less, or add text"
+        )
+    batch_size = min(cfg.batch_size, len(train_blocks))
+    if batch_size < cfg.batch_size:
+        log.info("note: --batch-size lowered to %d, the number of training blocks", batch_size)
+    samples_per_step = batch_size * cfg.grad_accum
+    steps_per_epoch = len(train_blocks) / samples_per_step
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    if checkpoint is not None and checkpoint["step"] >= total_steps:
+        raise RunError(
+            f"--resume: the run in {out} already reached step {checkpoint['step']} of {total_steps}; "
+            "raise --max-steps or --epochs to train further"
+        )
+    name = cfg.name or default_name(cfg.dataset)
+    resolved = dataclasses.replace(cfg, tokens=n_tokens, block_size=block_size, name=name, batch_size=batch_size)
+
+    log.info(
+        "dataset: %d file%s, %s characters, %s tokens%s -> %d blocks of %d (%d train, %d validation)",
+        len(corpus.files), "" if len(corpus.files) == 1 else "s", f"{corpus.chars:,}", f"{corpus.n_tokens:,}",
+        " (token cache)" if corpus.cached else "", len(blocks), block_size, len(train_blocks), len(val_blocks),
+    )
+    if corpus.skipped:
+        log.info("skipped: %s", ", ".join(corpus.skipped))
+    log.info(
+        "model: %s on %s (%s), context %d, embedding width %d",
+        lm.name, lm.device, str(lm.dtype).removeprefix("torch."), context, lm.embed_dim,
+    )
+
+    # --- soft prompt and optimizer
+    if checkpoint is not None:
+        soft_init = checkpoint["soft_prompt"].float()
+        if soft_init.shape != (n_tokens, lm.embed_dim):
+            raise RunError(f"--resume: the checkpoint's soft prompt {tuple(soft_init.shape)} does not fit this model")
+    else:
+        soft_init = init_tensor(lm.model, lm.tokenizer, cfg.init, n_tokens, cfg.init_text, cfg.seed)
+    soft = torch.nn.Parameter(soft_init.to(lm.device, torch.float32))
+    optimizer = make_optimizer(cfg, soft)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(total_steps, cfg.warmup))
+    start_step, samples_seen = 0, 0
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        start_step, samples_seen = int(checkpoint["step"]), int(checkpoint["samples"])
+    batches = BatchSampler(train_blocks, batch_size, cfg.seed, lm.device)
+
+    # --- one forward/backward step before anything is written: it proves the setup works
+    # and its time gives the estimate.
+    check_batch = batches.batch(samples_seen)
+    t0 = time.perf_counter()
+    block_loss(lm.model, soft, check_batch).backward()
+    step_seconds = (time.perf_counter() - t0) * cfg.grad_accum
+    soft.grad = None
+    eval_seconds = step_seconds / cfg.grad_accum / 3 * math.ceil(len(val_blocks) / batch_size)
+    n_evals = 2 + (total_steps - start_step) // cfg.eval_every if cfg.eval_every else 2
+    estimate = step_seconds * (total_steps - start_step) + eval_seconds * n_evals
+    log.info(
+        "soft prompt: %d tokens, init %s%s; %s steps of %d x %d blocks (%.2f epochs, %.1f steps/epoch), "
+        "lr %g, %s; estimate %s",
+        n_tokens, cfg.init, " (resumed)" if checkpoint else "", total_steps, batch_size, cfg.grad_accum,
+        total_steps / steps_per_epoch, steps_per_epoch, cfg.lr, cfg.optimizer, format_seconds(estimate),
+    )
+
+    # --- the output folder: created only now that every check has passed
+    out.mkdir(parents=True, exist_ok=True)
+    if checkpoint is None:
+        for stale in (CHECKPOINT, METRICS_FILE, SOFTPROMPT_FILE):  # --force over an older run
+            with contextlib.suppress(FileNotFoundError):
+                (out / stale).unlink()
+    write_text(out / CONFIG_FILE, to_toml(resolved.to_dict()))
+    metrics = Metrics(out / METRICS_FILE, keep_until=start_step if checkpoint else None)
+    meta_base = {
+        "name": name,
+        "description": cfg.description,
+        "author": cfg.author,
+        "supported": [lm.name],
+        "model": lm.source,
+        "init": cfg.init,
+        "softprompt_version": __version__,
+    }
+
+    def make_checkpoint(step: int, samples: int) -> None:
+        save_checkpoint(out, {
+            "step": step,
+            "samples": samples,
+            "soft_prompt": soft.detach().float().cpu(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "dataset_hash": corpus.content_hash,
+            "model": lm.source,
+            "total_steps": total_steps,
+        })
+
+    def validate(step: int) -> float | None:
+        if not len(val_blocks):
+            return None
+        loss = evaluate_blocks(lm.model, soft.detach(), val_blocks, batch_size, lm.device)
+        metrics.write({"step": step, "val_loss": loss, "val_ppl": _ppl(loss)})
+        return loss
+
+    # --- fit
+    val_before = validate(start_step) if checkpoint is None else _first_val(metrics.records)
+    val_last = val_before
+    tokens_per_step = samples_per_step * block_size
+    step, tokens_seen, t_start = start_step, 0, time.perf_counter()
+    bar = progress_bar(cfg.progress, total_steps, start_step)
+    stop = StopFlag()
+    with stop.installed():
+        while step < total_steps:
+            loss_sum = 0.0
+            for _ in range(cfg.grad_accum):
+                batch = batches.batch(samples_seen)
+                loss = block_loss(lm.model, soft, batch) / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.item()
+                samples_seen += batch_size
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_([soft], cfg.max_grad_norm)
+                if cfg.max_grad_norm > 0 else soft.grad.norm()
+            ).item()
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                raise RunError(
+                    f"training diverged at step {step + 1}: the loss or gradient is not finite; "
+                    f"the last checkpoint in {out} is kept; try a lower --lr (now {cfg.lr:g})"
+                )
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            elapsed = time.perf_counter() - t_start
+            record = {
+                "step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                "tokens": samples_seen * block_size, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                "elapsed_s": elapsed,
+            }
+            metrics.write(record)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                val_last = validate(step)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(
+                    f"loss {loss_sum:.3f}" + (f" val {val_last:.3f}" if val_last is not None else "")
+                    + f" {record['tokens_per_s']:,.0f} tok/s"
+                )
+            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or stop.requested:
+                make_checkpoint(step, samples_seen)
+            if stop.requested and step < total_steps:
+                if bar is not None:
+                    bar.close()
+                raise Interrupted(
+                    f"stopped at step {step} of {total_steps}; checkpoint saved in {out}; "
+                    f"continue with: softprompt train --output {out} --resume"
+                )
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t_start
+
+    # --- results
+    val_after = validate(step) if len(val_blocks) else None
+    meta = {**meta_base, "steps": step, "n_tokens": n_tokens, "val_loss": val_after, "val_loss_before": val_before}
+    result_sp = SoftPrompt(soft.detach(), meta)
+    zip_path = out / (safe_filename(name) + ".zip")
+    kobold.save(result_sp, zip_path)
+    native.save(result_sp, out / SOFTPROMPT_FILE)  # written last: its presence marks a finished run
+    if val_before is not None:
+        log.info(
+            "validation loss %.4f -> %.4f (perplexity %.2f -> %.2f)",
+            val_before, val_after, _ppl(val_before), _ppl(val_after),
+        )
+    log.info("wrote %s and %s", zip_path, out / SOFTPROMPT_FILE)
+    return TrainResult(
+        soft_prompt=result_sp,
+        output=out,
+        files={
+            "kobold": zip_path, "safetensors": out / SOFTPROMPT_FILE, "config": out / CONFIG_FILE,
+            "metrics": out / METRICS_FILE, "checkpoint": out / CHECKPOINT,
+        },
+        steps=step,
+        val_loss_before=val_before,
+        val_loss_after=val_after,
+        tokens_seen=step * tokens_per_step,
+        seconds=seconds,
+        config=resolved,
+        metrics=metrics.records,
+    )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def check_output(out: Path, cfg: TrainConfig) -> dict | None:
+    """Refuse an output path that cannot take this run; return the checkpoint to resume from.
+    Creates nothing."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--output {out} is a file: give a folder (it is created if missing)")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"--output {out} is not writable ({existing} does not allow writing): choose another folder")
+    checkpoint = load_checkpoint(out) if out.is_dir() and not (cfg.force and not cfg.resume) else None
+    finished = (out / SOFTPROMPT_FILE).exists()
+    if cfg.resume:
+        if checkpoint is None:
+            raise RunError(f"--resume: {out} has no checkpoint to resume from; drop --resume to start a new run")
+        return checkpoint
+    if cfg.force:
+        return None
+    if finished:
+        raise RunError(f"--output {out} already holds a finished soft prompt: pass --force to overwrite it, or choose another folder")
+    if checkpoint is not None:
+        raise RunError(
+            f"--output {out} holds an unfinished run (step {checkpoint['step']}): pass --resume to continue it, "
+            "or --force to start over"
+        )
+    return None
+
+
+def resolve_tokens(cfg: TrainConfig, lm: LoadedModel, checkpoint: dict | None) -> int:
+    if checkpoint is not None:
+        return int(checkpoint["soft_prompt"].shape[0])
+    if cfg.tokens:
+        return cfg.tokens
+    if cfg.init == "text":
+        from .soft_prompt import read_init_text
+
+        return max(1, len(lm.tokenizer(read_init_text(cfg.init_text), add_special_tokens=False)["input_ids"]))
+    return DEFAULT_TOKENS
+
+
+def default_block_size(context: int, n_tokens: int, device: torch.device) -> int:
+    cap = GPU_BLOCK_CAP if device.type == "cuda" else CPU_BLOCK_CAP
+    return max(2, min(cap, context - n_tokens))
+
+
+def default_name(dataset: str) -> str:
+    p = Path(dataset).expanduser()
+    return (p.stem if p.is_file() else p.resolve().name) or "softprompt"
+
+
+def make_optimizer(cfg: TrainConfig, soft: torch.nn.Parameter) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW([soft], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if hasattr(torch.optim, "Adafactor"):  # torch >= 2.5
+        return torch.optim.Adafactor([soft], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    from transformers.optimization import Adafactor  # pragma: no cover
+
+    return Adafactor(  # pragma: no cover
+        [soft], lr=cfg.lr, weight_decay=cfg.weight_decay,
+        scale_parameter=False, relative_step=False, warmup_init=False,
+    )
+
+
+def lr_schedule(total_steps: int, warmup: float):
+    """Linear warmup over ``warmup`` of the steps, then cosine decay to 0.1 x the peak."""
+    warm = int(round(total_steps * warmup))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        progress = (step - warm) / max(1, total_steps - warm)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class BatchSampler:
+    """Batches as a pure function of the data position (samples consumed so far): sample s is
+    block ``perm_e[s % N]`` of epoch ``e = s // N``, each epoch's permutation seeded. So a
+    resumed run sees exactly the batches an uninterrupted one would."""
+
+    def __init__(self, blocks: np.ndarray, batch_size: int, seed: int, device: torch.device):
+        self.blocks = torch.from_numpy(np.ascontiguousarray(blocks))
+        self.batch_size, self.seed, self.device = batch_size, seed, device
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(len(self.blocks), generator=gen)}
+        return self._perms[epoch]
+
+    def batch(self, start: int) -> torch.Tensor:
+        n = len(self.blocks)
+        idx = [int(self._perm(s // n)[s % n]) for s in range(start, start + self.batch_size)]
+        return self.blocks[idx].to(self.device, non_blocking=True)  # (B, T)
+
+
+@torch.no_grad()
+def evaluate_blocks(model, soft: torch.Tensor, blocks: np.ndarray, batch_size: int, device) -> float:
+    """Mean cross-entropy per token over ``blocks`` (N, T) with the soft prompt ``soft``."""
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(blocks[i : i + batch_size])).to(device)
+        losses = block_loss(model, soft, batch, reduction="none")
+        total += losses.double().sum().item()
+        count += losses.numel()
+    return total / max(count, 1)
+
+
+class Metrics:
+    """Appends one JSON line per record to metrics.jsonl; on resume, drops the lines written
+    after the checkpoint's step so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, keep_until: int | None):
+        self.path = path
+        self.records: list[dict] = []
+        if keep_until is not None and path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    rec = json.loads(line)
+                    if isinstance(rec, dict) and rec.get("step", 0) <= keep_until:
+                        self.records.append(rec)
+        with atomic_write(path, "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in self.records)
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def _first_val(records: list[dict]) -> float | None:
+    return next((r["val_loss"] for r in records if "val_loss" in r), None)
+
+
+class StopFlag:
+    """Ctrl-C or SIGTERM during training asks for a stop after the current step (which then
+    saves a checkpoint); a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def progress_bar(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
+
+
+def format_seconds(s: float) -> str:
+    s = int(round(s))
+    if s < 90:
+        return f"{s} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
