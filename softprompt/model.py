@@ -275,8 +275,8 @@ def _is_causal_lm(config) -> bool:
     from transformers import AutoModelForCausalLM
 
     archs = getattr(config, "architectures", None) or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return True
+    if archs:  # what the checkpoint says it is decides (a BERT folder says BertForMaskedLM)
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     mapping = getattr(AutoModelForCausalLM, "_model_mapping", None)
     try:
         return mapping is not None and type(config) in mapping

@@ -1,0 +1,136 @@
+"""Shared fixtures: tiny random models of each supported architecture, built from configs
+and saved as real Hugging Face model folders (with a small trained BPE tokenizer), so the
+whole loading path runs without any download."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "pride_and_prejudice"
+CTX = 256
+
+
+def _configs(vocab: int, eos: int) -> dict:
+    from transformers import (
+        GemmaConfig,
+        GPT2Config,
+        GPTJConfig,
+        GPTNeoConfig,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        OPTConfig,
+        Qwen2Config,
+    )
+
+    ids = dict(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    llama_like = dict(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=CTX, **ids,
+    )
+    return {
+        "gpt2": GPT2Config(vocab_size=vocab, n_positions=CTX, n_embd=32, n_layer=2, n_head=2, **ids),
+        "gpt_neo": GPTNeoConfig(
+            vocab_size=vocab, max_position_embeddings=CTX, hidden_size=32, num_layers=2, num_heads=2,
+            attention_types=[[["global", "local"], 1]], window_size=16, **ids,
+        ),
+        "gptj": GPTJConfig(vocab_size=vocab, n_positions=CTX, n_embd=32, n_layer=2, n_head=2, rotary_dim=8, **ids),
+        "gpt_neox": GPTNeoXConfig(
+            vocab_size=vocab, max_position_embeddings=CTX, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=64, **ids,
+        ),
+        "opt": OPTConfig(
+            vocab_size=vocab, max_position_embeddings=CTX, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+            num_attention_heads=2, word_embed_proj_dim=32, **ids,
+        ),
+        # like facebook/opt-350m: embeddings 16 wide, projected in and out of a 32-wide model
+        "opt350": OPTConfig(
+            vocab_size=vocab, max_position_embeddings=CTX, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+            num_attention_heads=2, word_embed_proj_dim=16, do_layer_norm_before=False, **ids,
+        ),
+        "llama": LlamaConfig(**llama_like),
+        "mistral": MistralConfig(**llama_like, sliding_window=None),
+        "qwen2": Qwen2Config(**llama_like),
+        "gemma": GemmaConfig(**llama_like, head_dim=16),
+    }
+
+
+ARCHS = ["gpt2", "gpt_neo", "gptj", "gpt_neox", "opt", "opt350", "llama", "mistral", "qwen2", "gemma"]
+
+
+def _train_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    texts = [p.read_text(encoding="utf-8") for p in sorted(EXAMPLES.glob("*.txt"))[:3]]
+    tk.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.save_pretrained(folder)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """{arch: folder} of tiny random causal LMs, one per architecture softprompt supports."""
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path_factory.mktemp("tiny_models")
+    tok = _train_tokenizer(base / "tokenizer")
+    vocab = len(tok)
+    folders = {}
+    for arch, config in _configs(vocab, tok.eos_token_id).items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        folder = base / arch
+        model.save_pretrained(folder)
+        for f in (base / "tokenizer").iterdir():
+            shutil.copy(f, folder / f.name)
+        folders[arch] = folder
+    return folders
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models):
+    """The tiny Llama, loaded once in float32 on the CPU."""
+    from softprompt import load_model
+
+    return load_model(str(tiny_models["llama"]), device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """A small dataset folder: three chapters of the demo text."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for p in sorted(EXAMPLES.glob("*.txt"))[:3]:
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
+@pytest.fixture
+def repetitive_corpus(tmp_path) -> Path:
+    """Text so regular that even a random model's loss on held-out blocks drops measurably once
+    a soft prompt learns the unigram distribution: proves a training run really learns."""
+    folder = tmp_path / "repetitive"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"part_{i}.txt").write_text("My dear Mr. Bennet, said his lady. " * 60, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Each test gets its own token cache folder."""
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "cache"))

