@@ -268,7 +268,7 @@ def load_model(
     model.to(dev)
     name = _short_name(spec_str, path)
     log.debug("loaded %s on %s as %s", name, dev, dt)
-    return LoadedModel(model, tokenizer, name, spec_str if path is None else str(path), dev, dt)
+    return LoadedModel(model, tokenizer, name, spec_str if path is None else str(path.resolve()), dev, dt)
 
 
 def _is_causal_lm(config) -> bool:

@@ -25,13 +25,13 @@ import torch
 
 from . import __version__
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from .config import DEFAULT_TOKENS, TrainConfig, to_toml
+from .config import DEFAULT_TOKENS, TrainConfig, read_toml, to_toml
 from .data import make_blocks, read_dataset, split_blocks, token_stream, tokenize_dataset
 from .errors import ConfigError, DataError, RunError
 from .fileio import atomic_write, safe_filename, write_text
 from .formats import kobold, native
 from .model import LoadedModel, load_model
-from .soft_prompt import SoftPrompt, block_loss, init_tensor
+from .soft_prompt import SoftPrompt, block_loss, init_tensor, read_init_text
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,11 @@ def train(config: TrainConfig | None = None, *, model: LoadedModel | None = None
     """Train a soft prompt. ``train(dataset="texts/", output="out", max_steps=100)`` or
     ``train(TrainConfig(...))``. A model already loaded with ``load_model`` may be passed to
     skip loading it again. Raises SoftPromptError subclasses for anything the user can fix."""
+    if config is None and options.get("resume") and options.get("output") and not options.get("dataset"):
+        # train(output=..., resume=True): the rest comes from the run's saved config
+        saved = Path(options["output"]).expanduser() / CONFIG_FILE
+        if saved.is_file():
+            options = {**read_toml(saved), **options}
     cfg = dataclasses.replace(config, **options) if config else TrainConfig(**options)
     cfg.validate()
     out = Path(cfg.output).expanduser()
@@ -105,7 +110,8 @@ def train(config: TrainConfig | None = None, *, model: LoadedModel | None = None
     context = lm.context_length
 
     # --- soft prompt length and blocks
-    n_tokens = resolve_tokens(cfg, lm, checkpoint)
+    init_sp = load_init_from(cfg.init_from, lm) if checkpoint is None and cfg.init_from else None
+    n_tokens = resolve_tokens(cfg, lm, checkpoint, init_sp)
     if n_tokens >= context:
         raise ConfigError(f"--tokens {n_tokens} must be less than the model's context of {context} tokens")
     block_size = cfg.block_size or default_block_size(context, n_tokens, lm.device)
@@ -161,6 +167,8 @@ def train(config: TrainConfig | None = None, *, model: LoadedModel | None = None
         soft_init = checkpoint["soft_prompt"].float()
         if soft_init.shape != (n_tokens, lm.embed_dim):
             raise RunError(f"--resume: the checkpoint's soft prompt {tuple(soft_init.shape)} does not fit this model")
+    elif init_sp is not None:  # warm start from a soft prompt file
+        soft_init = init_sp.tensor
     else:
         soft_init = init_tensor(lm.model, lm.tokenizer, cfg.init, n_tokens, cfg.init_text, cfg.seed)
     soft = torch.nn.Parameter(soft_init.to(lm.device, torch.float32))
@@ -205,7 +213,9 @@ def train(config: TrainConfig | None = None, *, model: LoadedModel | None = None
         "author": cfg.author,
         "supported": [lm.name],
         "model": lm.source,
-        "init": cfg.init,
+        "init": "file" if cfg.init_from else cfg.init,
+        **({"init_from": Path(cfg.init_from).name} if cfg.init_from else {}),
+        **({"init_text": read_init_text(cfg.init_text)} if cfg.init == "text" and not cfg.init_from else {}),
         "softprompt_version": __version__,
     }
 
@@ -301,7 +311,7 @@ def train(config: TrainConfig | None = None, *, model: LoadedModel | None = None
             val_before, val_after, _ppl(val_before), _ppl(val_after),
         )
     log.info("wrote %s and %s", zip_path, out / SOFTPROMPT_FILE)
-    return TrainResult(
+    result = TrainResult(
         soft_prompt=result_sp,
         output=out,
         files={
@@ -316,6 +326,11 @@ def train(config: TrainConfig | None = None, *, model: LoadedModel | None = None
         config=resolved,
         metrics=metrics.records,
     )
+    if cfg.report:  # report.md + loss_curve.png, with sample continuations
+        from .report import write_report
+
+        result.files["report"] = write_report(out, result, lm, val_blocks)
+    return result
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -349,9 +364,18 @@ def check_output(out: Path, cfg: TrainConfig) -> dict | None:
     return None
 
 
-def resolve_tokens(cfg: TrainConfig, lm: LoadedModel, checkpoint: dict | None) -> int:
+def resolve_tokens(
+    cfg: TrainConfig, lm: LoadedModel, checkpoint: dict | None, init_sp: SoftPrompt | None = None
+) -> int:
     if checkpoint is not None:
         return int(checkpoint["soft_prompt"].shape[0])
+    if init_sp is not None:
+        if cfg.tokens and cfg.tokens != init_sp.n_tokens:
+            raise ConfigError(
+                f"--tokens {cfg.tokens} does not match the {init_sp.n_tokens} tokens of --init-from "
+                f"{cfg.init_from}: leave --tokens out"
+            )
+        return init_sp.n_tokens
     if cfg.tokens:
         return cfg.tokens
     if cfg.init == "text":
@@ -359,6 +383,15 @@ def resolve_tokens(cfg: TrainConfig, lm: LoadedModel, checkpoint: dict | None) -
 
         return max(1, len(lm.tokenizer(read_init_text(cfg.init_text), add_special_tokens=False)["input_ids"]))
     return DEFAULT_TOKENS
+
+
+def load_init_from(path: str, lm: LoadedModel) -> SoftPrompt:
+    """The soft prompt of --init-from (any readable format), checked against the model's width."""
+    from .formats import load_any
+
+    sp = load_any(path)
+    sp.check_fits(lm.model, where=f"--init-from {path}")
+    return sp
 
 
 def default_block_size(context: int, n_tokens: int, device: torch.device) -> int:

@@ -211,8 +211,9 @@ def test_finished_run_can_be_extended_with_resume(tiny_llama, corpus, tmp_path):
     common = dict(dataset=str(corpus), model=tiny_llama, block_size=32, batch_size=2, progress=False,
                   eval_every=0)
     train(output=str(tmp_path / "o"), max_steps=2, **common)
-    more = train(output=str(tmp_path / "o"), max_steps=4, resume=True, **common)
-    assert more.steps == 4
+    # from Python too, the output folder is enough: the rest comes from its config.toml
+    more = train(output=str(tmp_path / "o"), max_steps=4, resume=True, model=tiny_llama, progress=False)
+    assert more.steps == 4 and more.config.dataset == str(corpus)
 
 
 def test_token_cache_is_used_and_keyed_by_content(tiny_llama, corpus, tmp_path):
