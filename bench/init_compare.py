@@ -29,19 +29,34 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     lm = softprompt.load_model()
-    print(f"model {lm.name}, {lm.device}, {lm.dtype}; data {DATA.name}; {args.steps} steps, batch 4 x 256 tokens")
+    print(
+        f"model {lm.name}, {lm.device}, {lm.dtype}; data {DATA.name}; {args.steps} steps, batch 4 x 256 tokens"
+    )
     print(f"{'init':8} {'lr':>6} {'val before':>11} {'val after':>10} {'seconds':>8}")
     for lr in args.lr:
         for init in args.inits:
             with tempfile.TemporaryDirectory() as out:
                 t0 = time.perf_counter()
                 r = softprompt.train(
-                    dataset=str(DATA), output=out, model=lm, init=init, tokens=20, lr=lr,
-                    init_text=INIT_TEXT if init == "text" else None, max_steps=args.steps,
-                    block_size=256, batch_size=4, eval_every=0, progress=False, seed=1729,
+                    dataset=str(DATA),
+                    output=out,
+                    model=lm,
+                    init=init,
+                    tokens=20,
+                    lr=lr,
+                    init_text=INIT_TEXT if init == "text" else None,
+                    max_steps=args.steps,
+                    block_size=256,
+                    batch_size=4,
+                    eval_every=0,
+                    progress=False,
+                    seed=1729,
                 )
-                print(f"{init:8} {lr:6g} {r.val_loss_before:11.4f} {r.val_loss_after:10.4f} "
-                      f"{time.perf_counter() - t0:8.0f}", flush=True)
+                print(
+                    f"{init:8} {lr:6g} {r.val_loss_before:11.4f} {r.val_loss_after:10.4f} "
+                    f"{time.perf_counter() - t0:8.0f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

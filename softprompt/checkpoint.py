@@ -45,7 +45,11 @@ def load_checkpoint(folder: Path) -> dict[str, Any] | None:
             "remove it or pass --force to start over"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise RunError(f"{path} is not a softprompt checkpoint; remove it or choose another --output")
+        raise RunError(
+            f"{path} is not a softprompt checkpoint; remove it or choose another --output"
+        )
     if state.get("version", 0) > VERSION:
-        raise RunError(f"checkpoint {path} was written by a newer softprompt; upgrade softprompt to resume")
+        raise RunError(
+            f"checkpoint {path} was written by a newer softprompt; upgrade softprompt to resume"
+        )
     return state

@@ -38,7 +38,9 @@ def _field_type(name: str):
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="read options from a TOML file (flags override it)")
+    p.add_argument(
+        "--config", metavar="FILE", help="read options from a TOML file (flags override it)"
+    )
     groups: dict[str, Any] = {}
     for name, f in FIELDS.items():
         group_name = f.metadata.get("group", "training")
@@ -48,16 +50,41 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         help_text = f.metadata["help"]
         if kind is bool:
             if name == "progress":
-                group.add_argument("--no-progress", dest="progress", action="store_false",
-                                   default=argparse.SUPPRESS, help="do not show a progress bar")
+                group.add_argument(
+                    "--no-progress",
+                    dest="progress",
+                    action="store_false",
+                    default=argparse.SUPPRESS,
+                    help="do not show a progress bar",
+                )
+            elif f.default is True:
+                group.add_argument(
+                    f"--no-{name.replace('_', '-')}",
+                    dest=name,
+                    action="store_false",
+                    default=argparse.SUPPRESS,
+                    help=f"do not {help_text}",
+                )
             else:
-                group.add_argument(flag(name), dest=name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+                group.add_argument(
+                    flag(name),
+                    dest=name,
+                    action="store_true",
+                    default=argparse.SUPPRESS,
+                    help=help_text,
+                )
             continue
         if default is not None and name not in ("dataset", "output"):
             help_text += f" (default: {default})"
         group.add_argument(
-            flag(name), dest=name, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
-            metavar=None if f.metadata.get("choices") else name.upper().replace("_", "-").split("-")[-1],
+            flag(name),
+            dest=name,
+            type=kind,
+            default=argparse.SUPPRESS,
+            choices=f.metadata.get("choices"),
+            metavar=None
+            if f.metadata.get("choices")
+            else name.upper().replace("_", "-").split("-")[-1],
             help=help_text,
         )
 
@@ -70,25 +97,150 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     sub.required = True
 
-    p = sub.add_parser("train", help="train a soft prompt on a folder of .txt files",
-                       description="Train a soft prompt on a .txt file or a folder of them.")
+    p = sub.add_parser(
+        "train",
+        help="train a soft prompt on a folder of .txt files",
+        description="Train a soft prompt on a .txt file or a folder of them.",
+    )
     add_train_options(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="continue a prompt, with or without a soft prompt")
-    p.add_argument("prompt", nargs="?", help="the prompt (default: read standard input)")
-    p.add_argument("--model", help="Hugging Face id, local folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p = sub.add_parser(
+        "generate",
+        help="continue a prompt, with or without a soft prompt",
+        description="Continue a prompt with the model and a soft prompt in front of it; "
+        "the text streams as it is generated.",
+    )
+    p.add_argument(
+        "prompt", nargs="?", help="the prompt (default: --prompt-file, else standard input)"
+    )
+    p.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 text file")
+    p.add_argument(
+        "--model",
+        help="Hugging Face id, local folder or .gguf file (default: SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--softprompt", metavar="FILE", help="soft prompt file (.zip, .safetensors)")
-    p.add_argument("--max-new-tokens", type=int, default=80)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compare", action="store_true", help="also print the continuation without the soft prompt")
+    p.add_argument("--max-new-tokens", type=int, default=80, metavar="N", help="(default: 80)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        metavar="T",
+        help="0 for greedy decoding (default: 0.8)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=0.95,
+        metavar="P",
+        help="nucleus sampling mass, 1 = off (default: 0.95)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        metavar="K",
+        help="keep the K likeliest tokens, 0 = off (default: 0)",
+    )
+    p.add_argument(
+        "--typical",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="typical sampling mass, 1 = off (default: 1)",
+    )
+    p.add_argument(
+        "--repetition-penalty", type=float, default=1.1, metavar="R", help="1 = off (default: 1.1)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="sampling seed; sample i uses SEED + i (default: 0)"
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop before this text; repeatable; \\n and \\t are read as newline and tab",
+    )
+    p.add_argument(
+        "-n",
+        "--num-samples",
+        dest="n",
+        type=int,
+        default=1,
+        metavar="N",
+        help="samples to generate",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="print the continuation with and then without the soft prompt, same seed",
+    )
+    p.add_argument(
+        "--no-echo",
+        dest="echo",
+        action="store_false",
+        help="print only the new text, not the prompt",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "eval",
+        help="held-out loss and perplexity with and without a soft prompt",
+        description="Score a dataset with the soft prompt, without any prompt, and with the "
+        "soft prompt's init text as an ordinary prompt (when it was made from text). Every "
+        "row scores the same tokens: all but the first of each block.",
+    )
+    p.add_argument(
+        "--model",
+        help="Hugging Face id, local folder or .gguf file (default: SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--softprompt", metavar="FILE", required=True, help="soft prompt file (.zip, .safetensors)"
+    )
+    p.add_argument(
+        "--dataset", metavar="PATH", required=True, help="a .txt file or a folder of them"
+    )
+    p.add_argument("--recursive", action="store_true", help="also read .txt files in sub-folders")
+    p.add_argument(
+        "--block-size",
+        type=int,
+        metavar="N",
+        help="tokens per block (default: as training picks it for this soft prompt)",
+    )
+    p.add_argument(
+        "--max-blocks",
+        type=int,
+        default=64,
+        metavar="N",
+        help="score at most N blocks (default: 64)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="score only the blocks a training run with this --val-fraction held out (with the "
+        "same --seed, --block-size and --max-blocks as its --val-max-blocks); 0: the last blocks "
+        "of the whole dataset (default: 0)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=1729, help="file order, as in training (default: 1729)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        metavar="N",
+        help="blocks per forward pass (default: 4)",
+    )
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.set_defaults(func=cmd_eval)
+    add_format_commands(sub)
     return parser
 
 
@@ -120,26 +272,200 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt from the argument, --prompt-file or standard input (in that order)."""
+    if args.prompt is not None and args.prompt_file:
+        raise ConfigError("give the prompt either as an argument or with --prompt-file, not both")
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file:
+        from .data import read_text
+
+        try:
+            return read_text(Path(args.prompt_file).expanduser())
+        except SoftPromptError as e:
+            raise ConfigError(f"--prompt-file: {e}") from None
+    if sys.stdin is None or sys.stdin.isatty():
+        raise ConfigError(
+            "generate needs a prompt: give it as an argument, with --prompt-file, or on standard input"
+        )
+    return sys.stdin.read()
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import generate
+    from .generate import check_options, stream
     from .model import load_model
     from .soft_prompt import SoftPrompt
 
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    if not prompt:
-        raise ConfigError("generate needs a prompt: give it as an argument or on standard input")
+    check_options(
+        args.max_new_tokens,
+        args.temperature,
+        args.top_p,
+        args.top_k,
+        args.typical,
+        args.repetition_penalty,
+    )
+    if args.n < 1:
+        raise ConfigError("-n must be at least 1")
+    if args.compare and not args.softprompt:
+        raise ConfigError(
+            "--compare needs --softprompt FILE: it prints the text with and without it"
+        )
+    prompt = read_prompt(args)
+    stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
     sp = SoftPrompt.load(args.softprompt) if args.softprompt else None
     lm = load_model(args.model, args.device, args.dtype)
     options = dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        typical=args.typical,
+        repetition_penalty=args.repetition_penalty,
+        stop=stops,
     )
-    runs = [("with the soft prompt", sp), ("without", None)] if (args.compare and sp) else [(None, sp)]
-    for title, soft in runs:
-        text = generate(lm, prompt, soft, **options)
-        if title:
-            print(f"--- {title}")
-        print(prompt + text)
+    runs = (
+        [(f"with the soft prompt ({sp.name})", sp), ("without", None)]
+        if args.compare
+        else [("", sp)]
+    )
+    for i in range(args.n):
+        for title, soft in runs:
+            header = ", ".join(x for x in (f"sample {i + 1}" if args.n > 1 else "", title) if x)
+            if header:
+                print(f"--- {header}", flush=True)
+            if args.echo:
+                sys.stdout.write(prompt)
+            for piece in stream(lm, prompt, soft, seed=args.seed + i, **options):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluate import check_options, evaluate
+    from .model import load_model
+    from .soft_prompt import SoftPrompt
+
+    check_options(args.block_size, args.max_blocks, args.val_fraction, args.batch_size)
+    sp = SoftPrompt.load(args.softprompt)
+    lm = load_model(args.model, args.device, args.dtype)
+    result = evaluate(
+        lm,
+        sp,
+        args.dataset,
+        block_size=args.block_size,
+        max_blocks=args.max_blocks,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        recursive=args.recursive,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    return 0
+
+
+WRITABLE = ("kobold", "peft", "safetensors")
+
+
+def add_format_commands(sub) -> None:
+    """The `convert` and `inspect` subcommands (soft prompt files, see softprompt.formats)."""
+    p = sub.add_parser(
+        "convert",
+        help="convert a soft prompt between formats",
+        description="Read any soft prompt file softprompt knows (KoboldAI .zip, PEFT adapter folder, "
+        ".safetensors, .mtjsp, mkultra .json) and write it as a KoboldAI zip, a PEFT adapter folder "
+        "or a .safetensors file. Nothing in the input is ever executed.",
+    )
+    p.add_argument("input", metavar="IN", help="soft prompt file or PEFT adapter folder")
+    p.add_argument(
+        "output",
+        metavar="OUT",
+        help="file or folder to write (.zip: kobold, .safetensors, no extension: PEFT folder)",
+    )
+    p.add_argument("--to", choices=WRITABLE, help="output format (default: from OUT's extension)")
+    p.add_argument("--name", help="set the soft prompt's name")
+    p.add_argument("--description", help="set the soft prompt's description")
+    p.add_argument("--author", help="set the soft prompt's author")
+    p.add_argument(
+        "--fp16", action="store_true", help="kobold: store the tensor as float16 (half the size)"
+    )
+    p.add_argument(
+        "--base-model",
+        metavar="ID",
+        help="peft: base_model_name_or_path to record (default: from the soft prompt's metadata)",
+    )
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "inspect",
+        help="show what a soft prompt file holds",
+        description="Show a soft prompt's format, metadata, shape, dtype and per-token norms. With --model, "
+        "also whether it fits the model and the vocabulary tokens nearest (cosine) to each soft token.",
+    )
+    p.add_argument("file", metavar="FILE", help="soft prompt file or PEFT adapter folder")
+    p.add_argument(
+        "--model",
+        nargs="?",
+        const="default",
+        metavar="M",
+        help="compare with this model: Hugging Face id, local folder or .gguf file "
+        "(`--model` alone: the default SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=5,
+        metavar="K",
+        help="nearest tokens per soft token (default: 5)",
+    )
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.add_argument("--device", default="cpu", help="device for --model (default: cpu)")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .formats import format_for_path, load_any, save
+
+    sp = load_any(args.input)
+    for key in ("name", "description", "author"):
+        if getattr(args, key) is not None:
+            sp.meta[key] = getattr(args, key)
+    fmt = args.to or format_for_path(args.output)
+    options: dict[str, Any] = {}
+    if args.fp16:
+        if fmt != "kobold":
+            raise ConfigError("--fp16 applies to --to kobold only")
+        options["dtype"] = "float16"
+    if args.base_model:
+        if fmt != "peft":
+            raise ConfigError("--base-model applies to --to peft only")
+        options["base_model"] = args.base_model
+    out = save(sp, args.output, fmt, **options)
+    print(
+        f"{fmt}: {out} ({sp.n_tokens} tokens x {sp.dim}, from {sp.meta.get('format')} {args.input})"
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .describe import describe, format_text
+
+    if args.top_k < 1:
+        raise ConfigError("--top-k must be at least 1")
+    lm = None
+    if args.model is not None:
+        from .model import load_model
+
+        lm = load_model(None if args.model == "default" else args.model, args.device, "float32")
+    info = describe(args.file, lm, args.top_k)
+    print(json.dumps(info, indent=2, ensure_ascii=False) if args.json else format_text(info))
     return 0
 
 
@@ -172,8 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # the last resort: still one line, with a pointer to --debug
         if debug:
             raise
-        print(f"softprompt: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for details)",
-              file=sys.stderr)
+        print(
+            f"softprompt: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for details)",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -183,4 +511,3 @@ def _one_line(e: BaseException) -> str:
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
-

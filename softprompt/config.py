@@ -36,10 +36,14 @@ class TrainConfig:
 
     # what to train on and where to put it
     dataset: str | None = _opt(None, "a .txt file or a folder of .txt files", group="data")
-    output: str | None = _opt(None, "folder for the soft prompt, checkpoints and logs", group="data")
+    output: str | None = _opt(
+        None, "folder for the soft prompt, checkpoints and logs", group="data"
+    )
     recursive: bool = _opt(False, "also read .txt files in sub-folders", group="data")
     skip_bad_files: bool = _opt(
-        False, "skip files that are not UTF-8 text (with a warning) instead of stopping", group="data"
+        False,
+        "skip files that are not UTF-8 text (with a warning) instead of stopping",
+        group="data",
     )
     block_size: int | None = _opt(
         None,
@@ -56,9 +60,13 @@ class TrainConfig:
         group="model",
     )
     device: str = _opt("auto", "cpu, cuda, cuda:N, mps or auto", group="model")
-    dtype: str = _opt("auto", "model dtype (auto: bfloat16 where the hardware does it well)", DTYPES, "model")
+    dtype: str = _opt(
+        "auto", "model dtype (auto: bfloat16 where the hardware does it well)", DTYPES, "model"
+    )
     # the soft prompt
-    name: str | None = _opt(None, "soft prompt name (default: the dataset's name)", group="soft prompt")
+    name: str | None = _opt(
+        None, "soft prompt name (default: the dataset's name)", group="soft prompt"
+    )
     description: str = _opt("", "description saved with the soft prompt", group="soft prompt")
     author: str = _opt("", "author saved with the soft prompt", group="soft prompt")
     tokens: int | None = _opt(
@@ -66,9 +74,20 @@ class TrainConfig:
         f"soft prompt length in tokens (default {DEFAULT_TOKENS}, or the init text's length)",
         group="soft prompt",
     )
-    init: str = _opt("vocab", "how to initialise the soft prompt", INITS, "soft prompt")
+    init: str | None = _opt(
+        None,
+        "how to initialise the soft prompt (default: text when --init-text is given, else vocab)",
+        INITS,
+        "soft prompt",
+    )
     init_text: str | None = _opt(
         None, "text (or a path to a text file) for --init text", group="soft prompt"
+    )
+    init_from: str | None = _opt(
+        None,
+        "start from this soft prompt file (any format softprompt reads; overrides --init, "
+        "its length sets --tokens)",
+        group="soft prompt",
     )
     # optimisation
     max_steps: int | None = _opt(None, "optimizer steps to run (overrides --epochs)")
@@ -85,11 +104,16 @@ class TrainConfig:
     seed: int = _opt(1729, "random seed (file order, batches, initialisation)")
     # the run itself
     resume: bool = _opt(False, "continue the unfinished run in --output", group="run")
-    force: bool = _opt(False, "overwrite a finished run in --output, or resume despite changes", group="run")
+    force: bool = _opt(
+        False, "overwrite a finished run in --output, or resume despite changes", group="run"
+    )
     cache_dir: str | None = _opt(
         None, "token cache folder (default: $SOFTPROMPT_CACHE or ~/.cache/softprompt)", group="run"
     )
     progress: bool = _opt(True, "show a progress bar", group="run")
+    report: bool = _opt(
+        True, "write report.md with the loss curve and sample continuations at the end", group="run"
+    )
 
     def validate(self) -> TrainConfig:
         """Check every value at once; raise one ConfigError listing all problems."""
@@ -99,21 +123,28 @@ class TrainConfig:
             if not cond:
                 problems.append(msg)
 
-        need(self.dataset is not None, "--dataset is required: give a .txt file or a folder of them")
+        if self.init is None:
+            self.init = "text" if self.init_text else "vocab"
+        need(
+            self.dataset is not None, "--dataset is required: give a .txt file or a folder of them"
+        )
         need(self.output is not None, "--output is required: give a folder for the results")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value not in choices:
-                problems.append(f"{flag(f.name)} must be one of {', '.join(choices)} (got {value!r})")
+                problems.append(
+                    f"{flag(f.name)} must be one of {', '.join(choices)} (got {value!r})"
+                )
         need(self.tokens is None or self.tokens >= 1, "--tokens must be at least 1")
-        need(
-            self.block_size is None or self.block_size >= 2, "--block-size must be at least 2"
-        )
+        need(self.block_size is None or self.block_size >= 2, "--block-size must be at least 2")
         need(0.0 <= self.val_fraction < 1.0, "--val-fraction must be in [0, 1), e.g. 0.05")
         need(self.val_max_blocks >= 1, "--val-max-blocks must be at least 1")
         need(self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1")
-        need(math.isfinite(self.epochs) and self.epochs > 0, "--epochs must be more than 0, e.g. 1 or 0.5")
+        need(
+            math.isfinite(self.epochs) and self.epochs > 0,
+            "--epochs must be more than 0, e.g. 1 or 0.5",
+        )
         need(self.batch_size >= 1, "--batch-size must be at least 1")
         need(self.grad_accum >= 1, "--grad-accum must be at least 1")
         need(math.isfinite(self.lr) and self.lr > 0, "--lr must be more than 0, e.g. 0.03")

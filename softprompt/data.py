@@ -53,13 +53,17 @@ def find_text_files(path: str | os.PathLike, recursive: bool = False) -> tuple[P
     try:
         if recursive:
             # followlinks=False: a symlinked folder is not descended, so a symlink loop cannot hang.
-            for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=_walk_error):
+            for dirpath, dirnames, filenames in os.walk(
+                root, followlinks=False, onerror=_walk_error
+            ):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 found.extend(Path(dirpath) / f for f in filenames if _is_txt(f))
         else:
             found = [p for p in root.iterdir() if _is_txt(p.name) and p.is_file()]
     except PermissionError as e:
-        raise DataError(f"dataset folder {e.filename or root} cannot be read (permission denied)") from None
+        raise DataError(
+            f"dataset folder {e.filename or root} cannot be read (permission denied)"
+        ) from None
     found = sorted(p for p in found if p.is_file())
     if not found:
         hint = "" if recursive else " (add --recursive to look in sub-folders)"
@@ -86,7 +90,9 @@ def read_text(path: Path) -> str:
 
 def decode_text(raw: bytes, path: Path | str) -> str:
     if b"\x00" in raw:
-        raise DataError(f"dataset file {path} looks binary (it has NUL bytes): give UTF-8 text files")
+        raise DataError(
+            f"dataset file {path} looks binary (it has NUL bytes): give UTF-8 text files"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -211,7 +217,13 @@ def tokenize_dataset(
         ids = tokenize(tokenizer, dataset.texts)
         _write_cache(cache_file, ids)
     return Corpus(
-        dataset.root, dataset.files, dataset.chars, ids, dataset.content_hash, dataset.skipped, cached
+        dataset.root,
+        dataset.files,
+        dataset.chars,
+        ids,
+        dataset.content_hash,
+        dataset.skipped,
+        cached,
     )
 
 
@@ -266,7 +278,9 @@ def make_blocks(stream: np.ndarray, block_size: int) -> np.ndarray:
     return stream[: n * block_size].reshape(n, block_size)
 
 
-def split_blocks(blocks: np.ndarray, val_fraction: float, val_max: int) -> tuple[np.ndarray, np.ndarray]:
+def split_blocks(
+    blocks: np.ndarray, val_fraction: float, val_max: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The last blocks of the stream are held out (contiguous text, so nothing of a held-out
     passage leaks into training through a neighbouring block except at one edge)."""
     if val_fraction <= 0:

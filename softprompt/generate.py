@@ -1,57 +1,361 @@
-"""Continue a prompt with a frozen model, with or without a soft prompt in front of it."""
+"""Continue a prompt with a frozen model, with or without a soft prompt in front of it.
+
+One sampling loop over the KV cache: the soft prompt and the prompt go through the model once
+(the prefill), then every new token costs one single-token forward pass, so a soft prompt costs
+its length once, not at every step. Tokens are sampled with a private ``torch.Generator`` seeded
+per call: the same seed gives the same sampling noise with and without a soft prompt, and the
+caller's global random state is left alone.
+
+    text = generate(lm, "It was a dark night", soft_prompt, temperature=0)
+    for piece in stream(lm, "It was a dark night", soft_prompt, stop=["\\n\\n"]):
+        ...  # text pieces as they come
+
+The sampling options are the ones KoboldAI users know; they are applied in the order of Hugging
+Face ``generate``: repetition penalty (over the prompt and the new tokens), temperature, top-k,
+top-p, typical. ``temperature=0`` is greedy decoding.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+
 import torch
 
+from .errors import ConfigError
 from .model import LoadedModel
-from .soft_prompt import SoftPrompt, prepend
+from .soft_prompt import SoftPrompt, _logits_kwarg, prepend
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = dict(
+    max_new_tokens=80,
+    temperature=0.8,
+    top_p=0.95,
+    top_k=0,
+    typical=1.0,
+    repetition_penalty=1.0,
+    seed=0,
+)
 
 
-@torch.no_grad()
-def generate(
+def check_options(
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    typical: float,
+    repetition_penalty: float,
+) -> None:
+    """Raise one ConfigError naming every bad sampling option."""
+    problems = []
+    if max_new_tokens < 1:
+        problems.append("--max-new-tokens must be at least 1")
+    if not temperature >= 0:
+        problems.append("--temperature must be 0 (greedy) or more, e.g. 0.8")
+    if not 0 < top_p <= 1:
+        problems.append("--top-p must be in (0, 1], e.g. 0.95 (1 turns it off)")
+    if top_k < 0:
+        problems.append("--top-k must be 0 (off) or more")
+    if not 0 < typical <= 1:
+        problems.append("--typical must be in (0, 1], e.g. 0.9 (1 turns it off)")
+    if not repetition_penalty > 0:
+        problems.append("--repetition-penalty must be more than 0 (1 turns it off), e.g. 1.1")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def soft_tensor(lm: LoadedModel, soft_prompt: SoftPrompt | torch.Tensor | None) -> torch.Tensor:
+    """The soft prompt as an (n, d) float32 tensor on the model's device; (0, d) for none."""
+    if soft_prompt is None:
+        return torch.zeros(0, lm.embed_dim, device=lm.device)
+    if isinstance(soft_prompt, SoftPrompt):
+        soft_prompt.check_fits(lm.model)
+        return soft_prompt.tensor.to(lm.device)
+    soft = soft_prompt.detach().float()
+    if soft.dim() != 2 or soft.shape[1] != lm.embed_dim:
+        raise ConfigError(
+            f"a soft prompt tensor must be (n, {lm.embed_dim}); got {tuple(soft.shape)}"
+        )
+    return soft.to(lm.device)
+
+
+def fit_prompt(ids: Sequence[int], context: int, n_soft: int, max_new_tokens: int) -> list[int]:
+    """The prompt's last tokens that fit: soft tokens + prompt + new tokens <= context."""
+    budget = context - n_soft - max_new_tokens
+    if budget < 1:
+        raise ConfigError(
+            f"--max-new-tokens {max_new_tokens} plus {n_soft} soft tokens leave no room for the prompt "
+            f"in the model's context of {context} tokens: use --max-new-tokens {max(1, context - n_soft - 1)} or less"
+        )
+    return list(ids[-budget:])
+
+
+def encode_prompt(lm: LoadedModel, prompt: str, n_soft: int, max_new_tokens: int) -> list[int]:
+    """Token ids of ``prompt`` (no special tokens, as in training), cut from the left to fit.
+    An empty prompt becomes one EOS token: the start of a document in the training stream."""
+    ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    fitted = fit_prompt(ids, lm.context_length, n_soft, max_new_tokens)
+    if len(fitted) < len(ids):
+        log.info(
+            "note: the prompt was cut to its last %d of %d tokens to fit the context",
+            len(fitted),
+            len(ids),
+        )
+    return fitted or [lm.eos_token_id]
+
+
+def eos_ids(lm: LoadedModel) -> set[int]:
+    ids = {lm.eos_token_id}
+    extra = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif isinstance(extra, (list, tuple)):
+        ids.update(int(i) for i in extra)
+    return ids
+
+
+def _processors(
+    temperature: float, top_p: float, top_k: int, typical: float, repetition_penalty: float
+):
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+        TypicalLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if temperature > 0:
+        if temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            procs.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            procs.append(TopPLogitsWarper(top_p))
+        if typical < 1.0:
+            procs.append(TypicalLogitsWarper(typical))
+    return procs
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_kwarg(forward_cls: type) -> str:
+    """transformers 5.x calls the KV cache argument `cache`; earlier ones `past_key_values`."""
+    params = inspect.signature(forward_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def stream_ids(
     lm: LoadedModel,
-    prompt: str,
-    soft_prompt: SoftPrompt | None = None,
+    prompt_ids: Sequence[int],
+    soft: torch.Tensor,
+    *,
     max_new_tokens: int = 80,
     temperature: float = 0.8,
     top_p: float = 0.95,
     top_k: int = 0,
+    typical: float = 1.0,
     repetition_penalty: float = 1.0,
     seed: int = 0,
-) -> str:
-    """The continuation of ``prompt`` (the new text only). The prompt is cut from the left so
-    that soft tokens + prompt + new tokens fit the model's context; the same seed gives the
-    same sampling noise with and without the soft prompt."""
-    model, tok = lm.model, lm.tokenizer
-    n_soft = soft_prompt.n_tokens if soft_prompt is not None else 0
-    if soft_prompt is not None:
-        soft_prompt.check_fits(model)
-    ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    budget = max(1, lm.context_length - n_soft - max_new_tokens)
-    ids = ids[-budget:] or [lm.eos_token_id]
-    input_ids = torch.tensor([ids], device=lm.device)
-    soft = (
-        soft_prompt.tensor.to(lm.device)
-        if soft_prompt is not None
-        else torch.zeros(0, lm.embed_dim, device=lm.device)
-    )
-    embeds = prepend(model, soft, input_ids)  # (1, n + T, d)
-    sample = temperature > 0
-    kwargs = dict(
-        inputs_embeds=embeds,
-        attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=lm.device),
+    stop_at_eos: bool = True,
+) -> Iterator[int]:
+    """New token ids, one at a time, after the soft prompt ``soft`` (n, d) and ``prompt_ids``
+    (which must already fit the context). Stops at EOS (not yielded) or after max_new_tokens."""
+    check_options(max_new_tokens, temperature, top_p, top_k, typical, repetition_penalty)
+    model, device = lm.model, lm.device
+    procs = _processors(temperature, top_p, top_k, typical, repetition_penalty)
+    stops = eos_ids(lm) if stop_at_eos else set()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    n_prompt = len(prompt_ids)
+    # prompt + new ids, for the repetition penalty (the soft prompt has no ids)
+    ids = torch.empty(1, n_prompt + max_new_tokens, dtype=torch.long, device=device)
+    ids[0, :n_prompt] = torch.as_tensor(list(prompt_ids), dtype=torch.long)
+
+    # Grad mode is set per call, never held across a yield (it would leak into the caller).
+    with torch.inference_mode():
+        embeds = prepend(model, soft, ids[:, :n_prompt])  # (1, n + T, d)
+        key, cache_key = _logits_kwarg(type(model)), _cache_kwarg(type(model))
+        out = model(inputs_embeds=embeds, use_cache=True, **({key: 1} if key else {}))
+        past, logits = _cache_of(out), out.logits[:, -1].float()  # (1, V)
+        del out, embeds
+    for i in range(max_new_tokens):
+        with torch.inference_mode():
+            scores = procs(ids[:, : n_prompt + i], logits) if procs else logits
+            if temperature > 0:
+                probs = torch.softmax(scores, dim=-1)
+                token = torch.multinomial(probs, 1, generator=gen)  # (1, 1)
+            else:
+                token = scores.argmax(dim=-1, keepdim=True)  # (1, 1)
+            ids[:, n_prompt + i] = token[:, 0]
+            if i + 1 < max_new_tokens:
+                # Queue the next step before reading the token back, so a GPU is never idle
+                # waiting for the host; at EOS this one step is wasted.
+                out = model(input_ids=token, use_cache=True, **{cache_key: past})
+                past, logits = _cache_of(out), out.logits[:, -1].float()
+                del out
+        value = int(token.item())
+        if value in stops:
+            return
+        yield value
+
+
+class Detokenizer:
+    """Text of new tokens as they come. Each step decodes a short window that starts a few
+    tokens back (so tokenizers that drop a word's leading space at the start of a decode still
+    get it right), and holds back text that ends in an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer, context_ids: Sequence[int] = ()):
+        self.tokenizer = tokenizer
+        self.ids = list(context_ids[-5:])
+        self.prefix_offset, self.read_offset = 0, len(self.ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset :])
+        if len(text) > len(prefix) and not text.endswith("\ufffd") and text.startswith(prefix):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix) :]
+        return ""
+
+    def flush(self) -> str:
+        if self.read_offset == len(self.ids):
+            return ""
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix) :] if text.startswith(prefix) else text
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that could begin a stop sequence."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def stop_text(pieces: Iterable[str], stop: Sequence[str] = ()) -> Iterator[str]:
+    """Pass text pieces through until one of the ``stop`` strings appears; the stop string and
+    what follows it are not passed on. Text that may be the start of a stop string is held
+    back until it is known not to be."""
+    stops = [s for s in stop if s]
+    if not stops:
+        yield from (p for p in pieces if p)
+        return
+    pending = ""
+    for piece in pieces:
+        pending += piece
+        hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
+        if hits:
+            if min(hits):
+                yield pending[: min(hits)]
+            return
+        ready = len(pending) - _held_back(pending, stops)
+        if ready:
+            yield pending[:ready]
+            pending = pending[ready:]
+    if pending:
+        yield pending
+
+
+def stream(
+    lm: LoadedModel,
+    prompt: str,
+    soft_prompt: SoftPrompt | torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 80,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    top_k: int = 0,
+    typical: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: int = 0,
+    stop: Sequence[str] = (),
+) -> Iterator[str]:
+    """The continuation of ``prompt`` as text pieces, as they are generated. Ends at EOS, at
+    ``max_new_tokens``, or before the first of the ``stop`` strings. The prompt is cut from
+    the left so that soft tokens + prompt + new tokens fit the model's context."""
+    check_options(max_new_tokens, temperature, top_p, top_k, typical, repetition_penalty)
+    if isinstance(stop, str):
+        stop = [stop]
+    soft = soft_tensor(lm, soft_prompt)
+    prompt_ids = encode_prompt(lm, prompt, soft.shape[0], max_new_tokens)
+    detok = Detokenizer(lm.tokenizer, prompt_ids)
+    tokens = stream_ids(
+        lm,
+        prompt_ids,
+        soft,
         max_new_tokens=max_new_tokens,
-        do_sample=sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        typical=typical,
         repetition_penalty=repetition_penalty,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else lm.eos_token_id,
+        seed=seed,
     )
-    if sample:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    devices = [lm.device] if lm.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        out = model.generate(**kwargs)
-    return tok.decode(out[0], skip_special_tokens=True)
+
+    def pieces() -> Iterator[str]:
+        for t in tokens:
+            yield detok.push(t)
+        yield detok.flush()
+
+    try:
+        yield from stop_text(pieces(), stop)
+    finally:
+        tokens.close()  # frees the KV cache at once when the caller stops early
+
+
+def generate(
+    lm: LoadedModel,
+    prompt: str,
+    soft_prompt: SoftPrompt | torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 80,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    top_k: int = 0,
+    typical: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: int = 0,
+    stop: Sequence[str] = (),
+) -> str:
+    """The continuation of ``prompt`` (the new text only); see ``stream``."""
+    return "".join(
+        stream(
+            lm,
+            prompt,
+            soft_prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            typical=typical,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=stop,
+        )
+    )
+
+
+# `softprompt.generate` is this function; `softprompt.generate.stream` is its streaming twin.
+generate.stream = stream  # type: ignore[attr-defined]

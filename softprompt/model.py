@@ -61,7 +61,13 @@ class LoadedModel:
 
 
 def context_length(config, tokenizer=None) -> int:
-    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+    for attr in (
+        "max_position_embeddings",
+        "n_positions",
+        "n_ctx",
+        "max_sequence_length",
+        "seq_length",
+    ):
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:
             return value
@@ -97,11 +103,21 @@ def pick_device(spec: str | None = "auto") -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise ModelError(f"--device {spec!r} is not a device: use cpu, cuda, cuda:N, mps or auto") from None
+        raise ModelError(
+            f"--device {spec!r} is not a device: use cpu, cuda, cuda:N, mps or auto"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ModelError(f"--device {spec}: there are only {torch.cuda.device_count()} CUDA devices")
+        raise ModelError(
+            "--device cuda was asked for but no CUDA GPU is available; use --device cpu"
+        )
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise ModelError(
+            f"--device {spec}: there are only {torch.cuda.device_count()} CUDA devices"
+        )
     if device.type == "mps" and not (
         getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     ):
@@ -233,9 +249,11 @@ def load_model(
 
     try:
         with _quiet():
-            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **{
-                k: v for k, v in load_args.items() if k != "quantization_config"
-            })
+            config = AutoConfig.from_pretrained(
+                folder,
+                trust_remote_code=trust_remote_code,
+                **{k: v for k, v in load_args.items() if k != "quantization_config"},
+            )
     except Exception as e:  # transformers raises many kinds here
         raise ModelError(f"cannot read the model config of {spec_str}: {_first_line(e)}") from e
     if not _is_causal_lm(config):
@@ -268,7 +286,9 @@ def load_model(
     model.to(dev)
     name = _short_name(spec_str, path)
     log.debug("loaded %s on %s as %s", name, dev, dt)
-    return LoadedModel(model, tokenizer, name, spec_str if path is None else str(path.resolve()), dev, dt)
+    return LoadedModel(
+        model, tokenizer, name, spec_str if path is None else str(path.resolve()), dev, dt
+    )
 
 
 def _is_causal_lm(config) -> bool:

@@ -30,7 +30,9 @@ class SoftPrompt:
         if self.tensor.dim() == 3 and self.tensor.shape[0] == 1:
             self.tensor = self.tensor[0]
         if self.tensor.dim() != 2:
-            raise ModelError(f"a soft prompt is 2-D (n_tokens, dim); got shape {tuple(self.tensor.shape)}")
+            raise ModelError(
+                f"a soft prompt is 2-D (n_tokens, dim); got shape {tuple(self.tensor.shape)}"
+            )
         self.tensor = self.tensor.detach().to("cpu", torch.float32).contiguous()
 
     @property

@@ -78,11 +78,18 @@ def _ppl(loss: float | None) -> float | None:
 # ----------------------------------------------------------------------------- the run
 
 
-def train(config: TrainConfig | None = None, *, model: LoadedModel | None = None, **options: Any) -> TrainResult:
+def train(
+    config: TrainConfig | None = None, *, model: LoadedModel | None = None, **options: Any
+) -> TrainResult:
     """Train a soft prompt. ``train(dataset="texts/", output="out", max_steps=100)`` or
     ``train(TrainConfig(...))``. A model already loaded with ``load_model`` may be passed to
     skip loading it again. Raises SoftPromptError subclasses for anything the user can fix."""
-    if config is None and options.get("resume") and options.get("output") and not options.get("dataset"):
+    if (
+        config is None
+        and options.get("resume")
+        and options.get("output")
+        and not options.get("dataset")
+    ):
         # train(output=..., resume=True): the rest comes from the run's saved config
         saved = Path(options["output"]).expanduser() / CONFIG_FILE
         if saved.is_file():
@@ -94,7 +101,11 @@ def train(config: TrainConfig | None = None, *, model: LoadedModel | None = None
 
     # --- data (read before the model loads, so a bad dataset fails in a second)
     texts = read_dataset(cfg.dataset, cfg.recursive, cfg.skip_bad_files)
-    if checkpoint is not None and not cfg.force and checkpoint["dataset_hash"] != texts.content_hash:
+    if (
+        checkpoint is not None
+        and not cfg.force
+        and checkpoint["dataset_hash"] != texts.content_hash
+    ):
         raise RunError(
             f"--resume: the dataset {cfg.dataset} changed since the checkpoint in {out} was written; "
             "pass --force to resume on the new data anyway, or use another --output"
@@ -113,7 +124,9 @@ def train(config: TrainConfig | None = None, *, model: LoadedModel | None = None
     init_sp = load_init_from(cfg.init_from, lm) if checkpoint is None and cfg.init_from else None
     n_tokens = resolve_tokens(cfg, lm, checkpoint, init_sp)
     if n_tokens >= context:
-        raise ConfigError(f"--tokens {n_tokens} must be less than the model's context of {context} tokens")
+        raise ConfigError(
+            f"--tokens {n_tokens} must be less than the model's context of {context} tokens"
+        )
     block_size = cfg.block_size or default_block_size(context, n_tokens, lm.device)
     if n_tokens + block_size > context:
         raise ConfigError(
@@ -148,25 +161,40 @@ def train(config: TrainConfig | None = None, *, model: LoadedModel | None = None
             "raise --max-steps or --epochs to train further"
         )
     name = cfg.name or default_name(cfg.dataset)
-    resolved = dataclasses.replace(cfg, tokens=n_tokens, block_size=block_size, name=name, batch_size=batch_size)
+    resolved = dataclasses.replace(
+        cfg, tokens=n_tokens, block_size=block_size, name=name, batch_size=batch_size
+    )
 
     log.info(
         "dataset: %d file%s, %s characters, %s tokens%s -> %d blocks of %d (%d train, %d validation)",
-        len(corpus.files), "" if len(corpus.files) == 1 else "s", f"{corpus.chars:,}", f"{corpus.n_tokens:,}",
-        " (token cache)" if corpus.cached else "", len(blocks), block_size, len(train_blocks), len(val_blocks),
+        len(corpus.files),
+        "" if len(corpus.files) == 1 else "s",
+        f"{corpus.chars:,}",
+        f"{corpus.n_tokens:,}",
+        " (token cache)" if corpus.cached else "",
+        len(blocks),
+        block_size,
+        len(train_blocks),
+        len(val_blocks),
     )
     if corpus.skipped:
         log.info("skipped: %s", ", ".join(corpus.skipped))
     log.info(
         "model: %s on %s (%s), context %d, embedding width %d",
-        lm.name, lm.device, str(lm.dtype).removeprefix("torch."), context, lm.embed_dim,
+        lm.name,
+        lm.device,
+        str(lm.dtype).removeprefix("torch."),
+        context,
+        lm.embed_dim,
     )
 
     # --- soft prompt and optimizer
     if checkpoint is not None:
         soft_init = checkpoint["soft_prompt"].float()
         if soft_init.shape != (n_tokens, lm.embed_dim):
-            raise RunError(f"--resume: the checkpoint's soft prompt {tuple(soft_init.shape)} does not fit this model")
+            raise RunError(
+                f"--resume: the checkpoint's soft prompt {tuple(soft_init.shape)} does not fit this model"
+            )
     elif init_sp is not None:  # warm start from a soft prompt file
         soft_init = init_sp.tensor
     else:
@@ -195,8 +223,17 @@ def train(config: TrainConfig | None = None, *, model: LoadedModel | None = None
     log.info(
         "soft prompt: %d tokens, init %s%s; %s steps of %d x %d blocks (%.2f epochs, %.1f steps/epoch), "
         "lr %g, %s; estimate %s",
-        n_tokens, cfg.init, " (resumed)" if checkpoint else "", total_steps, batch_size, cfg.grad_accum,
-        total_steps / steps_per_epoch, steps_per_epoch, cfg.lr, cfg.optimizer, format_seconds(estimate),
+        n_tokens,
+        cfg.init,
+        " (resumed)" if checkpoint else "",
+        total_steps,
+        batch_size,
+        cfg.grad_accum,
+        total_steps / steps_per_epoch,
+        steps_per_epoch,
+        cfg.lr,
+        cfg.optimizer,
+        format_seconds(estimate),
     )
 
     # --- the output folder: created only now that every check has passed
@@ -215,22 +252,29 @@ def train(config: TrainConfig | None = None, *, model: LoadedModel | None = None
         "model": lm.source,
         "init": "file" if cfg.init_from else cfg.init,
         **({"init_from": Path(cfg.init_from).name} if cfg.init_from else {}),
-        **({"init_text": read_init_text(cfg.init_text)} if cfg.init == "text" and not cfg.init_from else {}),
+        **(
+            {"init_text": read_init_text(cfg.init_text)}
+            if cfg.init == "text" and not cfg.init_from
+            else {}
+        ),
         "softprompt_version": __version__,
     }
 
     def make_checkpoint(step: int, samples: int) -> None:
-        save_checkpoint(out, {
-            "step": step,
-            "samples": samples,
-            "soft_prompt": soft.detach().float().cpu(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "dataset_hash": corpus.content_hash,
-            "model": lm.source,
-            "total_steps": total_steps,
-        })
+        save_checkpoint(
+            out,
+            {
+                "step": step,
+                "samples": samples,
+                "soft_prompt": soft.detach().float().cpu(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "dataset_hash": corpus.content_hash,
+                "model": lm.source,
+                "total_steps": total_steps,
+            },
+        )
 
     def validate(step: int) -> float | None:
         if not len(val_blocks):
@@ -257,7 +301,8 @@ def train(config: TrainConfig | None = None, *, model: LoadedModel | None = None
                 samples_seen += batch_size
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_([soft], cfg.max_grad_norm)
-                if cfg.max_grad_norm > 0 else soft.grad.norm()
+                if cfg.max_grad_norm > 0
+                else soft.grad.norm()
             ).item()
             if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                 raise RunError(
@@ -272,8 +317,12 @@ def train(config: TrainConfig | None = None, *, model: LoadedModel | None = None
             tokens_seen += tokens_per_step
             elapsed = time.perf_counter() - t_start
             record = {
-                "step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                "tokens": samples_seen * block_size, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                "step": step,
+                "loss": loss_sum,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": samples_seen * block_size,
+                "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
                 "elapsed_s": elapsed,
             }
             metrics.write(record)
@@ -282,10 +331,15 @@ def train(config: TrainConfig | None = None, *, model: LoadedModel | None = None
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(
-                    f"loss {loss_sum:.3f}" + (f" val {val_last:.3f}" if val_last is not None else "")
+                    f"loss {loss_sum:.3f}"
+                    + (f" val {val_last:.3f}" if val_last is not None else "")
                     + f" {record['tokens_per_s']:,.0f} tok/s"
                 )
-            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or stop.requested:
+            if (
+                (cfg.save_every and step % cfg.save_every == 0)
+                or step == total_steps
+                or stop.requested
+            ):
                 make_checkpoint(step, samples_seen)
             if stop.requested and step < total_steps:
                 if bar is not None:
@@ -300,7 +354,13 @@ def train(config: TrainConfig | None = None, *, model: LoadedModel | None = None
 
     # --- results
     val_after = validate(step) if len(val_blocks) else None
-    meta = {**meta_base, "steps": step, "n_tokens": n_tokens, "val_loss": val_after, "val_loss_before": val_before}
+    meta = {
+        **meta_base,
+        "steps": step,
+        "n_tokens": n_tokens,
+        "val_loss": val_after,
+        "val_loss_before": val_before,
+    }
     result_sp = SoftPrompt(soft.detach(), meta)
     zip_path = out / (safe_filename(name) + ".zip")
     kobold.save(result_sp, zip_path)
@@ -308,15 +368,21 @@ def train(config: TrainConfig | None = None, *, model: LoadedModel | None = None
     if val_before is not None:
         log.info(
             "validation loss %.4f -> %.4f (perplexity %.2f -> %.2f)",
-            val_before, val_after, _ppl(val_before), _ppl(val_after),
+            val_before,
+            val_after,
+            _ppl(val_before),
+            _ppl(val_after),
         )
     log.info("wrote %s and %s", zip_path, out / SOFTPROMPT_FILE)
     result = TrainResult(
         soft_prompt=result_sp,
         output=out,
         files={
-            "kobold": zip_path, "safetensors": out / SOFTPROMPT_FILE, "config": out / CONFIG_FILE,
-            "metrics": out / METRICS_FILE, "checkpoint": out / CHECKPOINT,
+            "kobold": zip_path,
+            "safetensors": out / SOFTPROMPT_FILE,
+            "config": out / CONFIG_FILE,
+            "metrics": out / METRICS_FILE,
+            "checkpoint": out / CHECKPOINT,
         },
         steps=step,
         val_loss_before=val_before,
@@ -345,17 +411,25 @@ def check_output(out: Path, cfg: TrainConfig) -> dict | None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise RunError(f"--output {out} is not writable ({existing} does not allow writing): choose another folder")
-    checkpoint = load_checkpoint(out) if out.is_dir() and not (cfg.force and not cfg.resume) else None
+        raise RunError(
+            f"--output {out} is not writable ({existing} does not allow writing): choose another folder"
+        )
+    checkpoint = (
+        load_checkpoint(out) if out.is_dir() and not (cfg.force and not cfg.resume) else None
+    )
     finished = (out / SOFTPROMPT_FILE).exists()
     if cfg.resume:
         if checkpoint is None:
-            raise RunError(f"--resume: {out} has no checkpoint to resume from; drop --resume to start a new run")
+            raise RunError(
+                f"--resume: {out} has no checkpoint to resume from; drop --resume to start a new run"
+            )
         return checkpoint
     if cfg.force:
         return None
     if finished:
-        raise RunError(f"--output {out} already holds a finished soft prompt: pass --force to overwrite it, or choose another folder")
+        raise RunError(
+            f"--output {out} already holds a finished soft prompt: pass --force to overwrite it, or choose another folder"
+        )
     if checkpoint is not None:
         raise RunError(
             f"--output {out} holds an unfinished run (step {checkpoint['step']}): pass --resume to continue it, "
@@ -381,7 +455,10 @@ def resolve_tokens(
     if cfg.init == "text":
         from .soft_prompt import read_init_text
 
-        return max(1, len(lm.tokenizer(read_init_text(cfg.init_text), add_special_tokens=False)["input_ids"]))
+        return max(
+            1,
+            len(lm.tokenizer(read_init_text(cfg.init_text), add_special_tokens=False)["input_ids"]),
+        )
     return DEFAULT_TOKENS
 
 
@@ -412,8 +489,12 @@ def make_optimizer(cfg: TrainConfig, soft: torch.nn.Parameter) -> torch.optim.Op
     from transformers.optimization import Adafactor  # pragma: no cover
 
     return Adafactor(  # pragma: no cover
-        [soft], lr=cfg.lr, weight_decay=cfg.weight_decay,
-        scale_parameter=False, relative_step=False, warmup_init=False,
+        [soft],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        scale_parameter=False,
+        relative_step=False,
+        warmup_init=False,
     )
 
 
@@ -453,7 +534,9 @@ class BatchSampler:
 
 
 @torch.no_grad()
-def evaluate_blocks(model, soft: torch.Tensor, blocks: np.ndarray, batch_size: int, device) -> float:
+def evaluate_blocks(
+    model, soft: torch.Tensor, blocks: np.ndarray, batch_size: int, device
+) -> float:
     """Mean cross-entropy per token over ``blocks`` (N, T) with the soft prompt ``soft``."""
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):

@@ -30,28 +30,62 @@ def _configs(vocab: int, eos: int) -> dict:
 
     ids = dict(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     llama_like = dict(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=CTX, **ids,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=CTX,
+        **ids,
     )
     return {
-        "gpt2": GPT2Config(vocab_size=vocab, n_positions=CTX, n_embd=32, n_layer=2, n_head=2, **ids),
-        "gpt_neo": GPTNeoConfig(
-            vocab_size=vocab, max_position_embeddings=CTX, hidden_size=32, num_layers=2, num_heads=2,
-            attention_types=[[["global", "local"], 1]], window_size=16, **ids,
+        "gpt2": GPT2Config(
+            vocab_size=vocab, n_positions=CTX, n_embd=32, n_layer=2, n_head=2, **ids
         ),
-        "gptj": GPTJConfig(vocab_size=vocab, n_positions=CTX, n_embd=32, n_layer=2, n_head=2, rotary_dim=8, **ids),
+        "gpt_neo": GPTNeoConfig(
+            vocab_size=vocab,
+            max_position_embeddings=CTX,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            attention_types=[[["global", "local"], 1]],
+            window_size=16,
+            **ids,
+        ),
+        "gptj": GPTJConfig(
+            vocab_size=vocab, n_positions=CTX, n_embd=32, n_layer=2, n_head=2, rotary_dim=8, **ids
+        ),
         "gpt_neox": GPTNeoXConfig(
-            vocab_size=vocab, max_position_embeddings=CTX, hidden_size=32, num_hidden_layers=2,
-            num_attention_heads=2, intermediate_size=64, **ids,
+            vocab_size=vocab,
+            max_position_embeddings=CTX,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            **ids,
         ),
         "opt": OPTConfig(
-            vocab_size=vocab, max_position_embeddings=CTX, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-            num_attention_heads=2, word_embed_proj_dim=32, **ids,
+            vocab_size=vocab,
+            max_position_embeddings=CTX,
+            hidden_size=32,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=2,
+            word_embed_proj_dim=32,
+            **ids,
         ),
         # like facebook/opt-350m: embeddings 16 wide, projected in and out of a 32-wide model
         "opt350": OPTConfig(
-            vocab_size=vocab, max_position_embeddings=CTX, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-            num_attention_heads=2, word_embed_proj_dim=16, do_layer_norm_before=False, **ids,
+            vocab_size=vocab,
+            max_position_embeddings=CTX,
+            hidden_size=32,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+            do_layer_norm_before=False,
+            **ids,
         ),
         "llama": LlamaConfig(**llama_like),
         "mistral": MistralConfig(**llama_like, sliding_window=None),
@@ -60,7 +94,18 @@ def _configs(vocab: int, eos: int) -> dict:
     }
 
 
-ARCHS = ["gpt2", "gpt_neo", "gptj", "gpt_neox", "opt", "opt350", "llama", "mistral", "qwen2", "gemma"]
+ARCHS = [
+    "gpt2",
+    "gpt_neo",
+    "gptj",
+    "gpt_neox",
+    "opt",
+    "opt350",
+    "llama",
+    "mistral",
+    "qwen2",
+    "gemma",
+]
 
 
 def _train_tokenizer(folder: Path):
@@ -71,12 +116,16 @@ def _train_tokenizer(folder: Path):
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     texts = [p.read_text(encoding="utf-8") for p in sorted(EXAMPLES.glob("*.txt"))[:3]]
     tk.train_from_iterator(texts, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     tok.save_pretrained(folder)
     return tok
 
@@ -126,7 +175,9 @@ def repetitive_corpus(tmp_path) -> Path:
     folder = tmp_path / "repetitive"
     folder.mkdir()
     for i in range(3):
-        (folder / f"part_{i}.txt").write_text("My dear Mr. Bennet, said his lady. " * 60, encoding="utf-8")
+        (folder / f"part_{i}.txt").write_text(
+            "My dear Mr. Bennet, said his lady. " * 60, encoding="utf-8"
+        )
     return folder
 
 

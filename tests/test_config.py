@@ -20,8 +20,15 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_toml_round_trip(tmp_path):
-    cfg = TrainConfig(dataset="data dir", output="out", name='A "quoted" name', lr=0.5, epochs=2.5,
-                      recursive=True, resume=True)
+    cfg = TrainConfig(
+        dataset="data dir",
+        output="out",
+        name='A "quoted" name',
+        lr=0.5,
+        epochs=2.5,
+        recursive=True,
+        resume=True,
+    )
     path = tmp_path / "c.toml"
     path.write_text(to_toml(cfg.to_dict()), encoding="utf-8")
     back = read_toml(path)

@@ -53,7 +53,11 @@ def test_folders_single_files_and_recursion(tmp_path):
     root, files = find_text_files(tmp_path)
     assert [f.name for f in files] == ["B.TXT", "a.txt"]
     _, files = find_text_files(tmp_path, recursive=True)
-    assert [f.relative_to(tmp_path).as_posix() for f in files] == ["B.TXT", "a.txt", "sub/deeper/c.txt"]
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == [
+        "B.TXT",
+        "a.txt",
+        "sub/deeper/c.txt",
+    ]
     root, files = find_text_files(tmp_path / "a.txt")
     assert files == [tmp_path / "a.txt"] and root == tmp_path
 

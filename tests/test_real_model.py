@@ -34,8 +34,19 @@ def test_training_lowers_held_out_loss_on_unseen_text(smollm, tmp_path):
     data = tmp_path / "plays"
     data.mkdir()
     (data / "excerpt.txt").write_text(text, encoding="utf-8")
-    result = train(dataset=str(data), output=str(tmp_path / "out"), model=smollm, max_steps=25,
-                   block_size=128, batch_size=4, eval_every=0, progress=False)
-    assert result.val_loss_after < result.val_loss_before - 0.15, (result.val_loss_before, result.val_loss_after)
+    result = train(
+        dataset=str(data),
+        output=str(tmp_path / "out"),
+        model=smollm,
+        max_steps=25,
+        block_size=128,
+        batch_size=4,
+        eval_every=0,
+        progress=False,
+    )
+    assert result.val_loss_after < result.val_loss_before - 0.15, (
+        result.val_loss_before,
+        result.val_loss_after,
+    )
     assert torch.isfinite(result.soft_prompt.tensor).all()
     assert result.files["kobold"].stat().st_size > 0

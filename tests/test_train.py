@@ -15,7 +15,9 @@ from conftest import ARCHS
 from softprompt import SoftPrompt, load_model, train
 from softprompt.soft_prompt import block_loss, prepend
 
-FAST = dict(block_size=32, batch_size=2, max_steps=4, eval_every=2, save_every=2, progress=False, lr=0.05)
+FAST = dict(
+    block_size=32, batch_size=2, max_steps=4, eval_every=2, save_every=2, progress=False, lr=0.05
+)
 
 
 def kobold_checks(zip_path, model_dim: int) -> dict:
@@ -27,7 +29,11 @@ def kobold_checks(zip_path, model_dim: int) -> dict:
         with z.open("tensor.npy") as f:
             version = np.lib.format.read_magic(f)
             assert version in ((1, 0), (2, 0), (3, 0))
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
             shape, fortran_order, dtype = read_header(f)
         tensor = np.load(io.BytesIO(z.read("tensor.npy")), allow_pickle=False)
         meta = json.loads(z.read("meta.json").decode("utf-8"))
@@ -46,8 +52,13 @@ def kobold_checks(zip_path, model_dim: int) -> dict:
 def test_trains_every_architecture(tiny_models, repetitive_corpus, tmp_path, arch):
     lm = load_model(str(tiny_models[arch]), device="cpu", dtype="float32")
     before = lm.model.get_input_embeddings().weight.clone()
-    result = train(dataset=str(repetitive_corpus), output=str(tmp_path / "out"), model=lm, tokens=5,
-                   **{**FAST, "max_steps": 8, "lr": 0.3, "warmup": 0.0})
+    result = train(
+        dataset=str(repetitive_corpus),
+        output=str(tmp_path / "out"),
+        model=lm,
+        tokens=5,
+        **{**FAST, "max_steps": 8, "lr": 0.3, "warmup": 0.0},
+    )
 
     sp = result.soft_prompt
     assert sp.tensor.shape == (5, lm.embed_dim)
@@ -88,16 +99,26 @@ def test_loss_covers_only_real_tokens(tiny_llama):
     block = torch.randint(0, 300, (2, 8))
     with torch.no_grad():
         logits = model(inputs_embeds=prepend(model, soft, block)).logits  # (2, 11, V)
-        want = torch.nn.functional.cross_entropy(logits[:, 2:10].reshape(-1, logits.shape[-1]), block.reshape(-1))
+        want = torch.nn.functional.cross_entropy(
+            logits[:, 2:10].reshape(-1, logits.shape[-1]), block.reshape(-1)
+        )
         got = block_loss(model, soft, block)
     torch.testing.assert_close(got, want)
 
 
 def test_python_api_writes_every_output(tiny_llama, corpus, tmp_path):
     out = tmp_path / "out"
-    result = train(dataset=str(corpus), output=str(out), model=tiny_llama, name='My: "Prompt"/v1', **FAST)
+    result = train(
+        dataset=str(corpus), output=str(out), model=tiny_llama, name='My: "Prompt"/v1', **FAST
+    )
     names = {p.name for p in out.iterdir()}
-    assert {"My_ _Prompt__v1.zip", "softprompt.safetensors", "config.toml", "metrics.jsonl", "checkpoint.pt"} <= names
+    assert {
+        "My_ _Prompt__v1.zip",
+        "softprompt.safetensors",
+        "config.toml",
+        "metrics.jsonl",
+        "checkpoint.pt",
+    } <= names
     assert not [n for n in names if n.endswith(".tmp")]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4]
@@ -108,8 +129,17 @@ def test_python_api_writes_every_output(tiny_llama, corpus, tmp_path):
 
 
 def test_grad_accumulation_matches_a_bigger_batch(tiny_llama, corpus, tmp_path):
-    common = dict(dataset=str(corpus), model=tiny_llama, block_size=32, max_steps=3, eval_every=0,
-                  progress=False, lr=0.05, val_fraction=0.1, max_grad_norm=0)
+    common = dict(
+        dataset=str(corpus),
+        model=tiny_llama,
+        block_size=32,
+        max_steps=3,
+        eval_every=0,
+        progress=False,
+        lr=0.05,
+        val_fraction=0.1,
+        max_grad_norm=0,
+    )
     a = train(output=str(tmp_path / "a"), batch_size=4, grad_accum=1, **common)
     b = train(output=str(tmp_path / "b"), batch_size=2, grad_accum=2, **common)
     torch.testing.assert_close(a.soft_prompt.tensor, b.soft_prompt.tensor, rtol=1e-4, atol=1e-5)
@@ -118,11 +148,19 @@ def test_grad_accumulation_matches_a_bigger_batch(tiny_llama, corpus, tmp_path):
 @pytest.mark.parametrize("init", ["text", "vocab", "random"])
 def test_init_methods(tiny_llama, corpus, tmp_path, init):
     opts = dict(init_text="It is a truth universally acknowledged") if init == "text" else {}
-    result = train(dataset=str(corpus), output=str(tmp_path / "o"), model=tiny_llama, init=init,
-                   **{**FAST, "max_steps": 1}, **opts)
+    result = train(
+        dataset=str(corpus),
+        output=str(tmp_path / "o"),
+        model=tiny_llama,
+        init=init,
+        **{**FAST, "max_steps": 1},
+        **opts,
+    )
     n = result.soft_prompt.n_tokens
     if init == "text":
-        ids = tiny_llama.tokenizer("It is a truth universally acknowledged", add_special_tokens=False)["input_ids"]
+        ids = tiny_llama.tokenizer(
+            "It is a truth universally acknowledged", add_special_tokens=False
+        )["input_ids"]
         assert n == len(ids)
     else:
         assert n == 20
@@ -160,11 +198,23 @@ def test_random_init_matches_the_embedding_spread(tiny_llama):
 
 
 def test_adafactor_and_fractional_epochs(tiny_llama, repetitive_corpus, tmp_path):
-    result = train(dataset=str(repetitive_corpus), output=str(tmp_path / "o"), model=tiny_llama,
-                   optimizer="adafactor", epochs=0.5, block_size=16, batch_size=2, progress=False,
-                   eval_every=0, lr=0.3, warmup=0.0)
+    result = train(
+        dataset=str(repetitive_corpus),
+        output=str(tmp_path / "o"),
+        model=tiny_llama,
+        optimizer="adafactor",
+        epochs=0.5,
+        block_size=16,
+        batch_size=2,
+        progress=False,
+        eval_every=0,
+        lr=0.3,
+        warmup=0.0,
+    )
     # 0.5 epochs over the training blocks, 2 blocks per step
-    n_blocks = (3 * len(tiny_llama.tokenizer("My dear Mr. Bennet, said his lady. " * 60)["input_ids"]) + 3) // 16
+    n_blocks = (
+        3 * len(tiny_llama.tokenizer("My dear Mr. Bennet, said his lady. " * 60)["input_ids"]) + 3
+    ) // 16
     n_train = n_blocks - max(1, round(n_blocks * 0.05))
     assert result.steps == -(-n_train // 4)
     assert result.val_loss_after < result.val_loss_before
@@ -172,7 +222,9 @@ def test_adafactor_and_fractional_epochs(tiny_llama, repetitive_corpus, tmp_path
 
 def stop_after(monkeypatch, stop_step: int) -> None:
     """Make the next training run behave as if Ctrl-C arrived during step ``stop_step``."""
-    t = importlib.import_module("softprompt.train")  # the attribute softprompt.train is the function
+    t = importlib.import_module(
+        "softprompt.train"
+    )  # the attribute softprompt.train is the function
 
     state = {"stop": False}
     original = t.Metrics.write
@@ -189,11 +241,23 @@ def stop_after(monkeypatch, stop_step: int) -> None:
     monkeypatch.setattr(t, "StopFlag", Flag)
 
 
-def test_interrupt_saves_a_checkpoint_and_resume_is_bit_exact(tiny_llama, corpus, tmp_path, monkeypatch):
+def test_interrupt_saves_a_checkpoint_and_resume_is_bit_exact(
+    tiny_llama, corpus, tmp_path, monkeypatch
+):
     from softprompt.train import Interrupted
 
-    common = dict(dataset=str(corpus), model=tiny_llama, block_size=32, batch_size=2, grad_accum=2,
-                  eval_every=3, save_every=5, progress=False, lr=0.05, max_steps=7)
+    common = dict(
+        dataset=str(corpus),
+        model=tiny_llama,
+        block_size=32,
+        batch_size=2,
+        grad_accum=2,
+        eval_every=3,
+        save_every=5,
+        progress=False,
+        lr=0.05,
+        max_steps=7,
+    )
     full = train(output=str(tmp_path / "full"), **common)
     with monkeypatch.context() as m:
         stop_after(m, 3)
@@ -208,11 +272,19 @@ def test_interrupt_saves_a_checkpoint_and_resume_is_bit_exact(tiny_llama, corpus
 
 
 def test_finished_run_can_be_extended_with_resume(tiny_llama, corpus, tmp_path):
-    common = dict(dataset=str(corpus), model=tiny_llama, block_size=32, batch_size=2, progress=False,
-                  eval_every=0)
+    common = dict(
+        dataset=str(corpus),
+        model=tiny_llama,
+        block_size=32,
+        batch_size=2,
+        progress=False,
+        eval_every=0,
+    )
     train(output=str(tmp_path / "o"), max_steps=2, **common)
     # from Python too, the output folder is enough: the rest comes from its config.toml
-    more = train(output=str(tmp_path / "o"), max_steps=4, resume=True, model=tiny_llama, progress=False)
+    more = train(
+        output=str(tmp_path / "o"), max_steps=4, resume=True, model=tiny_llama, progress=False
+    )
     assert more.steps == 4 and more.config.dataset == str(corpus)
 
 

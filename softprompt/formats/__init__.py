@@ -11,9 +11,10 @@ import os
 from pathlib import Path
 
 from ..errors import FormatError
-from . import kobold, native
+from . import kobold, mkultra, mtjsp, native, peft
 
-FORMATS = {m.NAME: m for m in (kobold, native)}
+# Detection order matters: an mtj-softtuner NPZ also holds tensor.npy, so mtjsp goes first.
+FORMATS = {m.NAME: m for m in (mtjsp, kobold, native, peft, mkultra)}
 
 
 def detect(path: str | os.PathLike) -> str:
@@ -24,8 +25,14 @@ def detect(path: str | os.PathLike) -> str:
     for name, module in FORMATS.items():
         if module.detect(p):
             return name
+    for module in FORMATS.values():
+        if p.suffix.lower() in module.EXTENSIONS and p.is_file():
+            what = getattr(module, "WHAT", f"{module.NAME} soft prompt")
+            raise FormatError(f"{p} is not a readable {what}: is it truncated or damaged?")
     known = ", ".join(sorted({e for m in FORMATS.values() for e in m.EXTENSIONS}))
-    raise FormatError(f"{p} is not a soft prompt file softprompt can read (expected one of: {known})")
+    raise FormatError(
+        f"{p} is not a soft prompt file softprompt can read (expected one of: {known}, or a PEFT adapter folder)"
+    )
 
 
 def load_any(path: str | os.PathLike):
@@ -35,10 +42,14 @@ def load_any(path: str | os.PathLike):
 
 def format_for_path(path: str | os.PathLike) -> str:
     suffix = Path(path).suffix.lower()
+    if not suffix or Path(path).is_dir():
+        return peft.NAME  # the one format that is a folder
     for name, module in FORMATS.items():
         if suffix in module.EXTENSIONS and hasattr(module, "save"):
             return name
-    raise FormatError(f"cannot tell the format to write from the name {Path(path).name}: use .zip or .safetensors")
+    raise FormatError(
+        f"cannot tell the format to write from the name {Path(path).name}: use .zip, .safetensors or a folder name (PEFT)"
+    )
 
 
 def save(soft_prompt, path: str | os.PathLike, format: str | None = None, **options) -> Path:

@@ -17,13 +17,27 @@ import torch
 from ..errors import FormatError
 from ..fileio import atomic_write
 from ..soft_prompt import SoftPrompt
+from .common import (
+    KOBOLD_MAX_TOKENS,
+    check_tensor,
+    check_zip,
+    read_member,
+    stored_meta,
+    warn_kobold_length,
+)
+
+__all__ = ["NAME", "EXTENSIONS", "detect", "load", "save", "check_tensor", "read_npy", "load_npy"]
 
 NAME = "kobold"
 EXTENSIONS = (".zip",)
-MAX_TOKENS = 2047  # KoboldAI rejects n_tokens >= 2048
+MAX_TOKENS = KOBOLD_MAX_TOKENS
 MAX_TENSOR_BYTES = 512 * 1024 * 1024
 MAX_META_BYTES = 1024 * 1024
+MAX_OTHER_BYTES = (
+    16 * 1024 * 1024
+)  # entries a reader ignores (never read) still count toward a zip bomb
 META_KEYS = ("name", "description", "author", "supported")
+WHAT = "KoboldAI soft prompt zip (tensor.npy and meta.json)"
 
 
 def detect(path: Path) -> bool:
@@ -37,46 +51,48 @@ def detect(path: Path) -> bool:
 
 
 def _member(z: zipfile.ZipFile, name: str, limit: int, path: Path) -> bytes:
-    for info in z.infolist():
-        if info.filename.startswith("/") or ".." in info.filename.replace("\\", "/").split("/"):
-            raise FormatError(f"{path}: refusing a zip entry with an unsafe path {info.filename!r}")
-    try:
-        info = z.getinfo(name)
-    except KeyError:
-        raise FormatError(f"{path} has no {name}: it is not a KoboldAI soft prompt zip") from None
-    if info.file_size > limit:
-        raise FormatError(f"{path}: {name} is {info.file_size} bytes unpacked, more than the {limit} allowed")
-    with z.open(info) as fh:
-        data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise FormatError(f"{path}: {name} unpacks to more than {limit} bytes")
-    return data
+    return read_member(z, name, limit, path, "KoboldAI soft prompt zip")
 
 
 def read_npy(data: bytes, where: str) -> np.ndarray:
+    """A float32 or float16 array from .npy bytes (bfloat16 ``V2`` becomes float32)."""
+    return load_npy(data, where)[0]
+
+
+def load_npy(data: bytes, where: str, what: str = "tensor.npy") -> tuple[np.ndarray, str]:
+    """The array of .npy bytes and the dtype it was stored in. The header is checked against
+    the data's size before anything is allocated, and object arrays (pickles) are refused."""
+    fh = io.BytesIO(data)
     try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        version = np.lib.format.read_magic(fh)
+        reader = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = reader(fh)
+        need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if need > len(data) - fh.tell():
+            raise ValueError(
+                f"its header promises {need} bytes of data but {len(data) - fh.tell()} follow"
+            )
+        fh.seek(0)
+        arr = np.load(fh, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise FormatError(f"{where}: tensor.npy is not a readable .npy array ({e})") from None
+        raise FormatError(f"{where}: {what} is not a readable .npy array ({e})") from None
     if arr.dtype == np.dtype("V2"):  # bfloat16 stored raw: its bits are the top half of a float32
-        arr = (arr.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        return (arr.view(np.uint16).astype(np.uint32) << 16).view(np.float32), "bfloat16"
     if arr.dtype not in (np.float32, np.float16):
-        raise FormatError(f"{where}: tensor.npy has dtype {arr.dtype}; expected float32, float16 or bfloat16")
-    return arr
-
-
-def check_tensor(arr, where: str) -> None:
-    if arr.ndim != 2:
-        raise FormatError(f"{where}: the tensor has shape {tuple(arr.shape)}; a soft prompt is 2-D (n_tokens, dim)")
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise FormatError(f"{where}: the tensor is empty {tuple(arr.shape)}")
-    if not np.isfinite(np.asarray(arr, dtype=np.float32)).all():
-        raise FormatError(f"{where}: the tensor has NaN or infinite values")
+        raise FormatError(
+            f"{where}: {what} has dtype {arr.dtype}; expected float32, float16 or bfloat16"
+        )
+    return arr, str(arr.dtype)
 
 
 def load(path: Path) -> SoftPrompt:
     try:
         with zipfile.ZipFile(path) as z:
+            check_zip(z, path, MAX_TENSOR_BYTES + MAX_META_BYTES + MAX_OTHER_BYTES)
             tensor_bytes = _member(z, "tensor.npy", MAX_TENSOR_BYTES, path)
             meta = {}
             if "meta.json" in z.namelist():
@@ -88,10 +104,12 @@ def load(path: Path) -> SoftPrompt:
                     raise FormatError(f"{path}: meta.json is not a JSON object")
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError) as e:
         raise FormatError(f"{path} is not a readable zip file ({e})") from None
-    arr = read_npy(tensor_bytes, str(path))
+    arr, file_dtype = load_npy(tensor_bytes, str(path))
     check_tensor(arr, str(path))
+    warn_kobold_length(arr.shape[0], str(path))
     meta = dict(meta)
     meta["format"] = NAME
+    meta["file_dtype"] = file_dtype
     return SoftPrompt(torch.from_numpy(arr.astype(np.float32)), meta)
 
 
@@ -116,12 +134,16 @@ def save(sp: SoftPrompt, path: Path, dtype: str = "float32") -> None:
     np_dtype = {"float32": np.float32, "float16": np.float16}.get(dtype)
     if np_dtype is None:
         raise FormatError(f"KoboldAI zips hold float32 or float16, not {dtype}")
+    if np_dtype is np.float16 and float(sp.tensor.abs().max()) > float(np.finfo(np.float16).max):
+        raise FormatError(
+            f"{path}: values up to {float(sp.tensor.abs().max()):.3g} are infinite in float16; save float32"
+        )
     arr = np.ascontiguousarray(sp.tensor.numpy().astype(np_dtype))
     check_tensor(arr, str(path))
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     # Extra keys of the source (e.g. a round-tripped zip) are kept; the four known ones are normalised.
-    meta = {k: v for k, v in sp.meta.items() if k not in ("format",) and _jsonable(v)}
+    meta = {k: v for k, v in stored_meta(sp.meta).items() if _jsonable(v)}
     meta.update(meta_json(sp))
     with atomic_write(path) as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("tensor.npy", buf.getvalue())

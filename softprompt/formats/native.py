@@ -12,12 +12,13 @@ import torch
 from ..errors import FormatError
 from ..fileio import atomic_write
 from ..soft_prompt import SoftPrompt
-from .kobold import check_tensor
+from .common import check_tensor, stored_meta
 
 NAME = "safetensors"
 EXTENSIONS = (".safetensors",)
 TENSOR_KEY = "soft_prompt"
 FLAT_KEYS = ("name", "description", "author", "model", "init", "steps", "val_loss")
+WHAT = "softprompt .safetensors file (one soft_prompt tensor)"
 
 
 def detect(path: Path) -> bool:
@@ -38,13 +39,21 @@ def load(path: Path) -> SoftPrompt:
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
-            key = TENSOR_KEY if TENSOR_KEY in keys else ("prompt_embeddings" if "prompt_embeddings" in keys else None)
+            key = (
+                TENSOR_KEY
+                if TENSOR_KEY in keys
+                else ("prompt_embeddings" if "prompt_embeddings" in keys else None)
+            )
             if key is None:
-                raise FormatError(f"{path} holds no soft prompt tensor (expected {TENSOR_KEY!r}); it has {keys[:5]}")
+                raise FormatError(
+                    f"{path} holds no soft prompt tensor (expected {TENSOR_KEY!r}); it has {keys[:5]}"
+                )
             tensor = f.get_tensor(key)
             raw_meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise FormatError(f"{path} is not a readable .safetensors file ({str(e).splitlines()[0]})") from None
+        raise FormatError(
+            f"{path} is not a readable .safetensors file ({str(e).splitlines()[0]})"
+        ) from None
     meta: dict = {}
     if "meta" in raw_meta:
         try:
@@ -57,10 +66,14 @@ def load(path: Path) -> SoftPrompt:
         if k in raw_meta and k not in meta:
             meta[k] = raw_meta[k]
     if not tensor.is_floating_point():
-        raise FormatError(f"{path}: the soft prompt tensor has dtype {tensor.dtype}; expected floats")
+        raise FormatError(
+            f"{path}: the soft prompt tensor has dtype {tensor.dtype}; expected floats"
+        )
+    raw_dtype = tensor.dtype
     tensor = tensor.float()
     check_tensor(tensor.numpy(), str(path))
     meta["format"] = NAME
+    meta["file_dtype"] = str(raw_dtype).removeprefix("torch.")
     return SoftPrompt(tensor, meta)
 
 
@@ -68,7 +81,7 @@ def save(sp: SoftPrompt, path: Path) -> None:
     from safetensors.torch import save
 
     check_tensor(sp.tensor.numpy().astype(np.float32), str(path))
-    meta = {k: v for k, v in sp.meta.items() if k != "format"}
+    meta = stored_meta(sp.meta)
     header = {"format": "pt", "meta": json.dumps(meta, ensure_ascii=False, default=str)}
     for k in FLAT_KEYS:
         if meta.get(k) is not None:

@@ -1,0 +1,220 @@
+"""Held-out loss and perplexity of a dataset with a soft prompt, without any prompt, and with
+the soft prompt's init text as an ordinary (hard) prompt.
+
+Every variant scores the same tokens: tokens 1..T-1 of each T-token block, each predicted from
+the variant's prefix plus the block tokens before it. (The first token of a block has no
+prediction without a prefix, so it is left out everywhere; this is why these numbers differ
+slightly from the training run's validation loss, which also scores it.)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import make_blocks, read_dataset, split_blocks, token_stream, tokenize_dataset
+from .errors import ConfigError, DataError
+from .model import LoadedModel
+from .soft_prompt import SoftPrompt, block_logits, embed_ids
+
+DEFAULT_SEED = 1729  # the training default: the same file order, hence the same blocks
+DEFAULT_MAX_BLOCKS = 64
+
+
+@dataclass
+class Variant:
+    """One way of prefixing the blocks, and its score."""
+
+    key: str  # soft_prompt, none, init_text
+    label: str
+    prefix_tokens: int
+    loss: float
+    perplexity: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.perplexity = math.exp(min(self.loss, 50.0))
+
+
+@dataclass
+class EvalResult:
+    variants: list[Variant]
+    tokens_scored: int  # per variant
+    n_blocks: int
+    block_size: int
+    dataset: str = ""
+
+    def __getitem__(self, key: str) -> Variant:
+        for v in self.variants:
+            if v.key == key:
+                return v
+        raise KeyError(key)
+
+    def to_dict(self) -> dict:
+        base = self["none"].loss if any(v.key == "none" for v in self.variants) else None
+        out = {
+            "dataset": self.dataset,
+            "blocks": self.n_blocks,
+            "block_size": self.block_size,
+            "tokens_scored": self.tokens_scored,
+            "variants": {},
+        }
+        for v in self.variants:
+            d = asdict(v)
+            d.pop("key")
+            d["delta_vs_none"] = None if base is None else v.loss - base
+            out["variants"][v.key] = d
+        return out
+
+    def table(self) -> str:
+        """A plain-text table, one row per variant."""
+        base = self["none"].loss if any(v.key == "none" for v in self.variants) else None
+        width = max(len(v.label) for v in self.variants)
+        lines = [f"{'':{width}}  {'loss':>7}  {'perplexity':>10}  {'vs none':>8}"]
+        for v in self.variants:
+            delta = "" if base is None or v.key == "none" else f"{v.loss - base:+.4f}"
+            lines.append(f"{v.label:{width}}  {v.loss:7.4f}  {v.perplexity:10.2f}  {delta:>8}")
+        lines.append(
+            f"{self.tokens_scored:,} tokens scored per row: tokens 2..{self.block_size} of "
+            f"{self.n_blocks} block{'s' if self.n_blocks != 1 else ''} of {self.block_size}"
+        )
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def score_blocks(
+    model: torch.nn.Module,
+    prefix: torch.Tensor,
+    blocks: np.ndarray | torch.Tensor,
+    batch_size: int,
+    device,
+) -> tuple[float, int]:
+    """Summed cross-entropy (nats) of tokens 1..T-1 of every block (N, T), each predicted from
+    ``prefix`` (n, d) vectors (n may be 0) and the block tokens before it; and the count."""
+    blocks = (
+        torch.as_tensor(np.ascontiguousarray(blocks)) if isinstance(blocks, np.ndarray) else blocks
+    )
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        batch = blocks[i : i + batch_size].to(device)  # (B, T)
+        T = batch.shape[1]
+        logits = block_logits(model, prefix, batch)[:, -(T - 1) :]  # (B, T - 1, V)
+        nll = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += nll.double().item()
+        count += batch[:, 1:].numel()
+    return total, count
+
+
+def init_text_ids(lm: LoadedModel, soft_prompt: SoftPrompt) -> list[int] | None:
+    """The tokens the soft prompt was initialised from, when it was made from text: the init
+    text's tokens, at most as many as the soft prompt has."""
+    text = soft_prompt.meta.get("init_text")
+    if soft_prompt.meta.get("init") != "text" or not isinstance(text, str) or not text:
+        return None
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][: soft_prompt.n_tokens]
+    return ids or None
+
+
+def compare_blocks(
+    lm: LoadedModel, soft_prompt: SoftPrompt | None, blocks: np.ndarray, batch_size: int = 4
+) -> tuple[list[Variant], int]:
+    """Score ``blocks`` (N, T) with each variant; returns the variants and tokens scored."""
+    if blocks.ndim != 2 or blocks.shape[1] < 2 or not len(blocks):
+        raise DataError("evaluation needs at least one block of at least 2 tokens")
+    prefixes: list[tuple[str, str, torch.Tensor]] = []
+    if soft_prompt is not None:
+        soft_prompt.check_fits(lm.model)
+        prefixes.append(
+            ("soft_prompt", f"soft prompt ({soft_prompt.n_tokens} tokens)", soft_prompt.tensor)
+        )
+    prefixes.append(("none", "no prompt", torch.zeros(0, lm.embed_dim)))
+    ids = init_text_ids(lm, soft_prompt) if soft_prompt is not None else None
+    if ids:
+        prefixes.append(
+            (
+                "init_text",
+                f"init text as a prompt ({len(ids)} tokens)",
+                embed_ids(lm.model, torch.tensor(ids)),
+            )
+        )
+    variants, count = [], 0
+    for key, label, prefix in prefixes:
+        if prefix.shape[0] + blocks.shape[1] > lm.context_length:
+            raise ConfigError(
+                f"--block-size {blocks.shape[1]} plus the {label} exceeds the model's context of "
+                f"{lm.context_length}: use --block-size {lm.context_length - prefix.shape[0]} or less"
+            )
+        total, count = score_blocks(lm.model, prefix.to(lm.device), blocks, batch_size, lm.device)
+        variants.append(Variant(key, label, prefix.shape[0], total / count))
+    return variants, count
+
+
+def check_options(
+    block_size: int | None, max_blocks: int, val_fraction: float, batch_size: int
+) -> None:
+    """Raise one ConfigError naming every bad option."""
+    problems = []
+    if block_size is not None and block_size < 2:
+        problems.append("--block-size must be at least 2")
+    if max_blocks < 1:
+        problems.append("--max-blocks must be at least 1")
+    if not 0 <= val_fraction < 1:
+        problems.append("--val-fraction must be in [0, 1), e.g. 0.05 (0: the whole dataset)")
+    if batch_size < 1:
+        problems.append("--batch-size must be at least 1")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def evaluate(
+    lm: LoadedModel,
+    soft_prompt: SoftPrompt | None,
+    dataset: str | os.PathLike,
+    *,
+    block_size: int | None = None,
+    max_blocks: int = DEFAULT_MAX_BLOCKS,
+    val_fraction: float = 0.0,
+    seed: int = DEFAULT_SEED,
+    batch_size: int = 4,
+    recursive: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> EvalResult:
+    """Loss and perplexity of the text files in ``dataset`` with and without the soft prompt.
+
+    The files are read, tokenized and cut into blocks as training does (the same ``seed``
+    gives the same file order). With ``val_fraction`` > 0 only the blocks a training run with
+    that fraction (and ``max_blocks`` as its --val-max-blocks) held out are scored; with 0, the
+    last ``max_blocks`` blocks of the dataset.
+    """
+    from .train import default_block_size
+
+    check_options(block_size, max_blocks, val_fraction, batch_size)
+    texts = read_dataset(dataset, recursive)
+    n_prefix = soft_prompt.n_tokens if soft_prompt is not None else 0
+    if soft_prompt is not None:
+        n_prefix = max(n_prefix, len(init_text_ids(lm, soft_prompt) or []))
+    size = block_size or default_block_size(lm.context_length, n_prefix, lm.device)
+    corpus = tokenize_dataset(texts, lm.tokenizer, cache_dir)
+    stream = token_stream(corpus, lm.eos_token_id, seed)
+    blocks = make_blocks(stream, size)
+    if not len(blocks):
+        raise DataError(
+            f"dataset {dataset} has {len(stream)} tokens, fewer than one block of {size}: "
+            f"add text or lower --block-size (e.g. --block-size {max(2, len(stream) // 2)})"
+        )
+    if val_fraction > 0:
+        if len(blocks) < 2:
+            raise DataError(
+                f"dataset {dataset} has one block of {size}: nothing is held out at --val-fraction"
+            )
+        blocks = split_blocks(blocks, val_fraction, max_blocks)[1]
+    else:
+        blocks = blocks[-max_blocks:]
+    variants, count = compare_blocks(lm, soft_prompt, blocks, batch_size)
+    return EvalResult(variants, count, len(blocks), size, str(dataset))
