@@ -284,11 +284,24 @@ def load_model(
     model.requires_grad_(False)
     model.eval()
     model.to(dev)
+    contiguous_head_input(model)
     name = _short_name(spec_str, path)
     log.debug("loaded %s on %s as %s", name, dev, dt)
     return LoadedModel(
         model, tokenizer, name, spec_str if path is None else str(path.resolve()), dev, dt
     )
+
+
+def contiguous_head_input(model: torch.nn.Module) -> None:
+    """Give the LM head a contiguous input. With ``logits_to_keep`` the model slices the last
+    positions of each sequence, a strided view, and a matmul over a strided 3-D input turns
+    into a batched matmul that copies the head's weight per sequence: measured on
+    SmolLM2-135M (CPU, bf16, batch 4 x 256), training went from 555 to 701 tokens/s."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "_softprompt_contiguous", False):
+        return
+    head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+    head._softprompt_contiguous = True
 
 
 def _is_causal_lm(config) -> bool:

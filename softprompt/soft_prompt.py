@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .errors import ConfigError, ModelError
 
@@ -192,11 +191,50 @@ def n_predicted(n_soft: int, T: int) -> int:
 def block_loss(
     model: torch.nn.Module, soft: torch.Tensor, block: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
-    """Cross-entropy (float32) of every token of ``block`` (B, T) given the soft prompt."""
+    """Cross-entropy (float32) of every token of ``block`` (B, T) given the soft prompt.
+    ``reduction="none"`` gives one loss per token (flattened, B x keep)."""
     logits = block_logits(model, soft, block)  # (B, keep, V)
     labels = block[:, block.shape[1] - logits.shape[1] :]  # (B, keep)
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        labels.to(logits.device).reshape(-1),
-        reduction=reduction,
+    losses = cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.to(logits.device).reshape(-1)
     )
+    if reduction == "none":
+        return losses
+    return losses.sum() if reduction == "sum" else losses.mean()
+
+
+CE_CHUNK = 128  # rows of logits turned into float32 at a time (128 measured fastest on CPU)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of (N, V) logits in any float dtype, computed in float32 a chunk
+    of rows at a time. Unlike ``F.cross_entropy(logits.float())`` it never holds an (N, V)
+    float32 copy of the logits, nor keeps the float32 log-softmax for the backward pass: the
+    gradient softmax(logits) - onehot is rebuilt chunk by chunk from the saved logsumexp.
+    On SmolLM2 (vocabulary 49,152) that is 400 MB less at batch 4 x 256 tokens."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        n = logits.shape[0]
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        for i in range(0, n, CE_CHUNK):
+            lse[i : i + CE_CHUNK] = torch.logsumexp(logits[i : i + CE_CHUNK].float(), dim=-1)
+        picked = logits.gather(1, labels[:, None]).squeeze(1).float()
+        ctx.save_for_backward(logits, labels, lse)
+        return lse - picked  # (N,) float32
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, labels, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for i in range(0, logits.shape[0], CE_CHUNK):
+            rows = slice(i, i + CE_CHUNK)
+            p = torch.exp(logits[rows].float() - lse[rows, None])  # softmax, (chunk, V)
+            p[torch.arange(p.shape[0], device=p.device), labels[rows]] -= 1.0
+            grad[rows] = p.mul_(grad_out[rows, None])
+        return grad, None
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row of ``logits`` (N, V) against ``labels`` (N,): float32 (N,)."""
+    return _ChunkedCrossEntropy.apply(logits, labels)

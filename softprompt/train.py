@@ -281,6 +281,8 @@ def train(
             return None
         loss = evaluate_blocks(lm.model, soft.detach(), val_blocks, batch_size, lm.device)
         metrics.write({"step": step, "val_loss": loss, "val_ppl": _ppl(loss)})
+        if not cfg.progress:  # without a bar, a line per validation shows the run is alive
+            log.info("step %d/%d: validation loss %.4f", step, total_steps, loss)
         return loss
 
     # --- fit

@@ -1,0 +1,55 @@
+"""The fast paths give what the plain paths give: chunked cross-entropy against
+F.cross_entropy, the contiguous LM-head input against the model's own logits, bfloat16
+against float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import softprompt.soft_prompt as sp
+from softprompt import load_model
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("n", [1, 127, 128, 300])
+def test_chunked_cross_entropy_matches_torch(dtype, tol, n, monkeypatch):
+    monkeypatch.setattr(sp, "CE_CHUNK", 128)
+    torch.manual_seed(n)
+    logits = (torch.randn(n, 1000) * 4).to(dtype).requires_grad_()
+    labels = torch.randint(0, 1000, (n,))
+    weights = torch.rand(n)  # a non-uniform upstream gradient
+    got = sp.cross_entropy(logits, labels)
+    (got * weights).sum().backward()
+    got_grad = logits.grad.clone()
+    logits.grad = None
+    want = F.cross_entropy(logits.float(), labels, reduction="none")
+    (want * weights).sum().backward()
+    assert got.dtype == torch.float32 and got.shape == (n,)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert got_grad.dtype == dtype
+    torch.testing.assert_close(got_grad.float(), logits.grad.float(), rtol=tol, atol=tol)
+
+
+def test_block_loss_matches_the_plain_computation(tiny_models):
+    lm = load_model(str(tiny_models["gpt2"]), device="cpu", dtype="float32")
+    soft = torch.randn(4, lm.embed_dim, requires_grad=True)
+    block = torch.randint(0, 300, (3, 10))
+    got = sp.block_loss(lm.model, soft, block)
+    (g_got,) = torch.autograd.grad(got, soft)
+    logits = lm.model(inputs_embeds=sp.prepend(lm.model, soft, block)).logits[:, 3:13]
+    want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), block.reshape(-1))
+    (g_want,) = torch.autograd.grad(want, soft)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_training_loss_tracks_float32(tiny_models):
+    soft = torch.randn(4, 32) * 0.1
+    block = torch.randint(0, 300, (2, 16))
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        lm = load_model(str(tiny_models["llama"]), device="cpu", dtype=dtype)
+        losses[dtype] = sp.block_loss(lm.model, soft, block).item()
+    assert abs(losses["float32"] - losses["bfloat16"]) < 0.05
