@@ -225,11 +225,13 @@ def load_model(
                 )
             path = None  # a hub id
 
+    gguf_cache: Path | None = None
     if path is not None and path.is_file():
         if path.suffix != ".gguf":
             raise ModelError(
                 f"model file {path} is not a .gguf file: give a .gguf file, a model folder or a Hugging Face id"
             )
+        gguf_cache = gguf_cache_folder(path, dt)
         folder, load_args = str(path.parent), {"gguf_file": path.name}
         try:
             from transformers import GgufConfig  # transformers >= 5: keep it a plain dense model
@@ -238,6 +240,8 @@ def load_model(
         except ImportError:  # pragma: no cover - older transformers always dequantize
             pass
         load_args["local_files_only"] = True
+        if (gguf_cache / COMPLETE).is_file():  # converted before: load the dense copy
+            folder, load_args, gguf_cache = str(gguf_cache), {"local_files_only": True}, None
     elif path is not None:
         if not (path / "config.json").is_file():
             raise ModelError(
@@ -281,6 +285,8 @@ def load_model(
     except Exception as e:
         raise ModelError(f"cannot load model {spec_str}: {_first_line(e)}") from e
 
+    if gguf_cache is not None:
+        save_gguf_cache(model, tokenizer, gguf_cache)
     model.requires_grad_(False)
     model.eval()
     model.to(dev)
@@ -290,6 +296,65 @@ def load_model(
     return LoadedModel(
         model, tokenizer, name, spec_str if path is None else str(path.resolve()), dev, dt
     )
+
+
+COMPLETE = "softprompt-complete"
+GGUF_CACHE_MAX_BYTES = 8 * 1024**3
+
+
+def gguf_cache_folder(path: Path, dtype: torch.dtype) -> Path:
+    """Where the dense copy of a .gguf file converted to ``dtype`` is kept: keyed by the
+    file's path, size and modification time, the dtype and the transformers version."""
+    import hashlib
+
+    import transformers
+
+    from .fileio import cache_root
+
+    st = path.stat()
+    dt = str(dtype).removeprefix("torch.")
+    key = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{dt}\0{transformers.__version__}"
+    return (
+        cache_root()
+        / "models"
+        / f"{path.stem}-{dt}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    )
+
+
+def save_gguf_cache(model: torch.nn.Module, tokenizer, folder: Path) -> None:
+    """Keep the dequantized model as a plain safetensors folder, so the next load of the same
+    .gguf skips dequantizing (SmolLM2-135M: 15-19 s -> about 3 s). Written to a temporary
+    folder and renamed; skipped for models over 8 GB or when the disk is short; a failure
+    only costs time, never the run."""
+    import shutil
+    import tempfile
+
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if size > GGUF_CACHE_MAX_BYTES or shutil.disk_usage(folder.parent).free < 3 * size:
+            return
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        try:
+            # The weights are dense already: save (and later load) them as a plain model.
+            config, quantizer = model.config, getattr(model, "hf_quantizer", None)
+            quant = getattr(config, "quantization_config", None)
+            if quant is not None:
+                del config.quantization_config
+            model.hf_quantizer = None
+            try:
+                model.save_pretrained(tmp, safe_serialization=True)
+            finally:
+                model.hf_quantizer = quantizer
+                if quant is not None:
+                    config.quantization_config = quant
+            tokenizer.save_pretrained(tmp)
+            (tmp / COMPLETE).write_text("the dense copy of a .gguf file, written by softprompt\n")
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        log.warning("note: could not keep a converted copy of the model in %s (%s)", folder, e)
 
 
 def contiguous_head_input(model: torch.nn.Module) -> None:

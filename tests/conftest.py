@@ -181,6 +181,20 @@ def repetitive_corpus(tmp_path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """Nothing the tests load or tokenize is cached outside their temporary folders."""
+    import os
+
+    old = os.environ.get("SOFTPROMPT_CACHE")
+    os.environ["SOFTPROMPT_CACHE"] = str(tmp_path_factory.mktemp("session_cache"))
+    yield
+    if old is None:
+        os.environ.pop("SOFTPROMPT_CACHE", None)
+    else:
+        os.environ["SOFTPROMPT_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own token cache folder."""

@@ -50,3 +50,18 @@ def test_training_lowers_held_out_loss_on_unseen_text(smollm, tmp_path):
     )
     assert torch.isfinite(result.soft_prompt.tensor).all()
     assert result.files["kobold"].stat().st_size > 0
+
+
+def test_converted_gguf_is_cached_and_loads_the_same(smollm, tmp_path, monkeypatch):
+    from softprompt.model import COMPLETE, gguf_cache_folder
+
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "cache"))
+    folder = gguf_cache_folder(default_model_path(), torch.bfloat16)
+    first = load_model(dtype="bfloat16")  # converts the .gguf and keeps a dense copy
+    assert (folder / COMPLETE).is_file() and list(folder.glob("*.safetensors"))
+    second = load_model(dtype="bfloat16")  # loads the copy
+    assert (second.name, second.source) == (first.name, first.source)
+    ids = first.tokenizer("It is a truth universally acknowledged", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(first.model(ids).logits, second.model(ids).logits)
+    assert first.tokenizer("Mr. Darcy")["input_ids"] == second.tokenizer("Mr. Darcy")["input_ids"]
