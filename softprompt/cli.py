@@ -37,6 +37,25 @@ def _field_type(name: str):
     return str
 
 
+METAVARS = {
+    "dataset": "PATH",
+    "output": "DIR",
+    "model": "M",
+    "init_text": "TEXT_OR_FILE",
+    "init_from": "FILE",
+    "cache_dir": "DIR",
+    "tokens": "N",
+    "max_steps": "N",
+    "epochs": "X",
+    "batch_size": "N",
+    "grad_accum": "N",
+    "block_size": "N",
+    "eval_every": "N",
+    "save_every": "N",
+    "val_max_blocks": "N",
+}
+
+
 def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", metavar="FILE", help="read options from a TOML file (flags override it)"
@@ -84,7 +103,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
             choices=f.metadata.get("choices"),
             metavar=None
             if f.metadata.get("choices")
-            else name.upper().replace("_", "-").split("-")[-1],
+            else METAVARS.get(name, name.upper().split("_")[-1]),
             help=help_text,
         )
 
