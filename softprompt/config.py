@@ -103,7 +103,12 @@ class TrainConfig:
     save_every: int = _opt(50, "steps between checkpoints (0: only at the end)")
     seed: int = _opt(1729, "random seed (file order, batches, initialisation)")
     # the run itself
-    resume: bool = _opt(False, "continue the unfinished run in --output", group="run")
+    resume: bool = _opt(
+        False,
+        "continue the unfinished run in --output; with --init-from FILE.mtjsp (and no "
+        "checkpoint in --output), continue that mtj-softtuner run from its step",
+        group="run",
+    )
     force: bool = _opt(
         False, "overwrite a finished run in --output, or resume despite changes", group="run"
     )

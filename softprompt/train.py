@@ -29,7 +29,7 @@ from .config import DEFAULT_TOKENS, TrainConfig, read_toml, to_toml
 from .data import make_blocks, read_dataset, split_blocks, token_stream, tokenize_dataset
 from .errors import ConfigError, DataError, RunError
 from .fileio import atomic_write, safe_filename, write_text
-from .formats import kobold, native
+from .formats import kobold, mtjsp, native
 from .model import LoadedModel, load_model
 from .soft_prompt import SoftPrompt, block_loss, init_tensor, read_init_text
 
@@ -160,6 +160,12 @@ def train(
             f"--resume: the run in {out} already reached step {checkpoint['step']} of {total_steps}; "
             "raise --max-steps or --epochs to train further"
         )
+    mtj_step = mtj_resume_step(cfg, init_sp)  # 0 unless continuing an mtj-softtuner run
+    if mtj_step >= total_steps:
+        raise RunError(
+            f"--resume: {cfg.init_from} is already at step {mtj_step} of this run's {total_steps}; "
+            f"pass a larger --max-steps (e.g. --max-steps {mtj_step + total_steps}) to train further"
+        )
     name = cfg.name or default_name(cfg.dataset)
     resolved = dataclasses.replace(
         cfg, tokens=n_tokens, block_size=block_size, name=name, batch_size=batch_size
@@ -201,8 +207,19 @@ def train(
         soft_init = init_tensor(lm.model, lm.tokenizer, cfg.init, n_tokens, cfg.init_text, cfg.seed)
     soft = torch.nn.Parameter(soft_init.to(lm.device, torch.float32))
     optimizer = make_optimizer(cfg, soft)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(total_steps, cfg.warmup))
-    start_step, samples_seen = 0, 0
+    if mtj_step:  # the schedule picks up at the mtj run's step (LambdaLR then needs initial_lr)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = cfg.lr
+        log.info(
+            "resuming the mtj-softtuner run %s at step %d; the optimizer starts fresh "
+            "(its pickled optimizer state is never read)",
+            cfg.init_from,
+            mtj_step,
+        )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_schedule(total_steps, cfg.warmup), last_epoch=mtj_step - 1
+    )
+    start_step, samples_seen = mtj_step, mtj_step * samples_per_step
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -225,7 +242,7 @@ def train(
         "lr %g, %s; estimate %s",
         n_tokens,
         cfg.init,
-        " (resumed)" if checkpoint else "",
+        " (resumed)" if checkpoint or mtj_step else "",
         total_steps,
         batch_size,
         cfg.grad_accum,
@@ -420,12 +437,14 @@ def check_output(out: Path, cfg: TrainConfig) -> dict | None:
         load_checkpoint(out) if out.is_dir() and not (cfg.force and not cfg.resume) else None
     )
     finished = (out / SOFTPROMPT_FILE).exists()
-    if cfg.resume:
-        if checkpoint is None:
-            raise RunError(
-                f"--resume: {out} has no checkpoint to resume from; drop --resume to start a new run"
-            )
+    if cfg.resume and checkpoint is not None:
         return checkpoint
+    if cfg.resume and not (cfg.init_from and mtjsp.detect(Path(cfg.init_from).expanduser())):
+        raise RunError(
+            f"--resume: {out} has no checkpoint to resume from; drop --resume to start a new run "
+            "(or give --init-from FILE.mtjsp to continue an mtj-softtuner run)"
+        )
+    # --resume with --init-from FILE.mtjsp: a new output folder, so the checks below apply
     if cfg.force:
         return None
     if finished:
@@ -471,6 +490,20 @@ def load_init_from(path: str, lm: LoadedModel) -> SoftPrompt:
     sp = load_any(path)
     sp.check_fits(lm.model, where=f"--init-from {path}")
     return sp
+
+
+def mtj_resume_step(cfg: TrainConfig, init_sp: SoftPrompt | None) -> int:
+    """The step to continue from for --resume with --init-from FILE.mtjsp (and no checkpoint
+    of our own); 0 otherwise. Its optimizer state is never read, so only the soft prompt,
+    the step, the schedule and the data position carry over."""
+    if not (cfg.resume and init_sp is not None and init_sp.meta.get("format") == mtjsp.NAME):
+        return 0
+    if "step" not in init_sp.meta:
+        raise RunError(
+            f"--resume: {cfg.init_from} records no step to continue from; "
+            "drop --resume to use it as a warm start"
+        )
+    return max(0, int(init_sp.meta["step"]))
 
 
 def default_block_size(context: int, n_tokens: int, device: torch.device) -> int:
