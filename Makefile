@@ -47,6 +47,7 @@ format: $(DEV_STAMP)
 bench: $(DEV_STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/generate_speed.py
+	$(PY) bench/tokenize_speed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo-run
