@@ -7,7 +7,6 @@ position (samples consumed), and what identifies the dataset and model it belong
 from __future__ import annotations
 
 import io
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 
 from .errors import RunError
 from .fileio import atomic_write
+from .formats.common import torch_load, torch_load_reason
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "softprompt-checkpoint"
@@ -38,10 +38,10 @@ def load_checkpoint(folder: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as e:
+        state = torch_load(path)
+    except Exception as e:  # a damaged file fails in many ways
         raise RunError(
-            f"checkpoint {path} cannot be read ({str(e).splitlines()[0][:200]}); "
+            f"checkpoint {path} cannot be read ({torch_load_reason(e)}); "
             "remove it or pass --force to start over"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

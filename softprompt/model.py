@@ -350,6 +350,12 @@ def save_gguf_cache(model: torch.nn.Module, tokenizer, folder: Path) -> None:
                     config.quantization_config = quant
             tokenizer.save_pretrained(tmp)
             (tmp / COMPLETE).write_text("the dense copy of a .gguf file, written by softprompt\n")
+            for f in tmp.iterdir():  # on disk before the rename makes the copy visible
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             os.replace(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -133,6 +134,7 @@ def train(
             f"--block-size {block_size} plus {n_tokens} soft tokens exceeds the model's context of "
             f"{context}: use --block-size {context - n_tokens} or less"
         )
+    check_free_space(out, n_tokens, lm.embed_dim)
     corpus = tokenize_dataset(texts, lm.tokenizer, cfg.cache_dir)
     del texts
     stream = token_stream(corpus, lm.eos_token_id, cfg.seed)
@@ -231,7 +233,13 @@ def train(
     # and its time gives the estimate.
     check_batch = batches.batch(samples_seen)
     t0 = time.perf_counter()
-    block_loss(lm.model, soft, check_batch).backward()
+    check_loss = block_loss(lm.model, soft, check_batch)
+    if not math.isfinite(check_loss.item()):
+        raise RunError(
+            f"the loss is not finite on the first batch, before any training (model {lm.name} "
+            f"in {str(lm.dtype).removeprefix('torch.')}): try --dtype float32 or another --init"
+        )
+    check_loss.backward()
     step_seconds = (time.perf_counter() - t0) * cfg.grad_accum
     soft.grad = None
     eval_seconds = step_seconds / cfg.grad_accum / 3 * math.ceil(len(val_blocks) / batch_size)
@@ -277,7 +285,10 @@ def train(
         "softprompt_version": __version__,
     }
 
+    saved_step = start_step if checkpoint is not None else None  # the checkpoint on disk
+
     def make_checkpoint(step: int, samples: int) -> None:
+        nonlocal saved_step
         save_checkpoint(
             out,
             {
@@ -292,6 +303,7 @@ def train(
                 "total_steps": total_steps,
             },
         )
+        saved_step = step
 
     def validate(step: int) -> float | None:
         if not len(val_blocks):
@@ -324,9 +336,14 @@ def train(
                 else soft.grad.norm()
             ).item()
             if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                kept = (
+                    f"the checkpoint of step {saved_step} in {out} is kept"
+                    if saved_step is not None
+                    else f"no checkpoint was saved yet (--save-every {cfg.save_every})"
+                )
                 raise RunError(
                     f"training diverged at step {step + 1}: the loss or gradient is not finite; "
-                    f"the last checkpoint in {out} is kept; try a lower --lr (now {cfg.lr:g})"
+                    f"{kept}; try a lower --lr (now {cfg.lr:g})"
                 )
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -457,6 +474,43 @@ def check_output(out: Path, cfg: TrainConfig) -> dict | None:
             "or --force to start over"
         )
     return None
+
+
+CHECKPOINT_COPIES = 4  # a checkpoint, its replacement being written, the .zip and .safetensors
+SPACE_MARGIN = 1 << 20  # config.toml, metrics.jsonl, report.md, the loss curve
+
+
+def space_needed(n_tokens: int, dim: int) -> int:
+    """Bytes the output folder needs: a few copies of the float32 soft prompt with AdamW's
+    two moments (3 x its size), plus a margin for the small files."""
+    return CHECKPOINT_COPIES * n_tokens * dim * 4 * 3 + SPACE_MARGIN
+
+
+def check_free_space(out: Path, n_tokens: int, dim: int) -> None:
+    """RunError when the disk holding ``out`` has less free space than the run will write."""
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:  # cannot tell: let the writes speak for themselves
+        return
+    need = space_needed(n_tokens, dim)
+    if free < need:
+        raise RunError(
+            f"--output {out}: the disk has {format_bytes(free)} free, but checkpoints and the "
+            f"soft prompt need about {format_bytes(need)}: free some space or choose another folder"
+        )
+
+
+def format_bytes(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} bytes"
+    for unit in ("KB", "MB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GB"
 
 
 def resolve_tokens(

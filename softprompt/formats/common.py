@@ -4,8 +4,12 @@ loader adds that describe the file rather than the prompt (never written back)."
 from __future__ import annotations
 
 import logging
+import lzma
 import re
+import tokenize
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +22,49 @@ log = logging.getLogger("softprompt")
 LOAD_KEYS = ("format", "file_dtype")
 MAX_ZIP_ENTRIES = 10_000
 KOBOLD_MAX_TOKENS = 2047  # KoboldAI rejects n_tokens >= 2048
+# What reading a damaged zip member raises besides BadZipFile (which covers a bad CRC):
+# corrupt deflate or LZMA streams fail inside the decompressor.
+ZIP_DATA_ERRORS = (zlib.error, lzma.LZMAError)
+# What np.load raises on damaged .npy bytes: numpy parses the header dict with tokenize and
+# ast.literal_eval, which fail in all these ways.
+NPY_ERRORS = (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError, TypeError)
+
+
+def printable(text: object, limit: int = 200) -> str:
+    """Text taken from a file, made safe for a one-line message: control characters (newlines,
+    carriage returns, terminal escapes) are shown escaped, and it is cut at ``limit``."""
+    s = str(text)
+    if not s.isprintable():
+        s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def stored_meta(meta: dict) -> dict:
     """The metadata worth writing: everything but what the loader recorded about its file."""
     return {k: v for k, v in meta.items() if k not in LOAD_KEYS}
+
+
+def torch_load(source):
+    """``torch.load(source, map_location="cpu", weights_only=True)`` with torch's warnings
+    (a damaged file can make it warn about the pickle protocol) kept off the terminal: the
+    caller turns a failure into one line with ``torch_load_reason``."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(source, map_location="cpu", weights_only=True)
+
+
+def torch_load_reason(e: BaseException) -> str:
+    """Why torch.load failed, in one printable line. For a refused pickle that is the
+    unpickler's own reason, not torch's advice to retry with weights_only=False (which would
+    run whatever the file holds)."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].split("Check the documentation of torch.load", 1)[0]
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return printable(first or type(e).__name__, 200)
 
 
 def check_tensor(arr, where: str) -> None:

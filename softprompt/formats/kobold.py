@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import zipfile
 from pathlib import Path
 
@@ -19,8 +20,11 @@ from ..fileio import atomic_write
 from ..soft_prompt import SoftPrompt
 from .common import (
     KOBOLD_MAX_TOKENS,
+    NPY_ERRORS,
+    ZIP_DATA_ERRORS,
     check_tensor,
     check_zip,
+    printable,
     read_member,
     stored_meta,
     warn_kobold_length,
@@ -41,12 +45,14 @@ WHAT = "KoboldAI soft prompt zip (tensor.npy and meta.json)"
 
 
 def detect(path: Path) -> bool:
-    if not path.is_file() or not zipfile.is_zipfile(path):
+    if not path.is_file():
         return False
-    try:
+    try:  # is_zipfile itself raises BadZipFile on some damaged end records
+        if not zipfile.is_zipfile(path):
+            return False
         with zipfile.ZipFile(path) as z:
             return "tensor.npy" in z.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError):
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
         return False
 
 
@@ -71,15 +77,17 @@ def load_npy(data: bytes, where: str, what: str = "tensor.npy") -> tuple[np.ndar
             else np.lib.format.read_array_header_2_0
         )
         shape, _, dtype = reader(fh)
-        need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        need = math.prod(int(n) for n in shape) * dtype.itemsize  # exact: no int64 wrap-around
         if need > len(data) - fh.tell():
             raise ValueError(
                 f"its header promises {need} bytes of data but {len(data) - fh.tell()} follow"
             )
         fh.seek(0)
         arr = np.load(fh, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise FormatError(f"{where}: {what} is not a readable .npy array ({e})") from None
+    except NPY_ERRORS as e:
+        raise FormatError(
+            f"{where}: {what} is not a readable .npy array ({printable(e)})"
+        ) from None
     if arr.dtype == np.dtype("V2"):  # bfloat16 stored raw: its bits are the top half of a float32
         return (arr.view(np.uint16).astype(np.uint32) << 16).view(np.float32), "bfloat16"
     if arr.dtype not in (np.float32, np.float16):
@@ -102,8 +110,15 @@ def load(path: Path) -> SoftPrompt:
                     raise FormatError(f"{path}: meta.json is not valid UTF-8 JSON ({e})") from None
                 if not isinstance(meta, dict):
                     raise FormatError(f"{path}: meta.json is not a JSON object")
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError) as e:
-        raise FormatError(f"{path} is not a readable zip file ({e})") from None
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        OSError,
+        EOFError,
+        NotImplementedError,
+        *ZIP_DATA_ERRORS,
+    ) as e:
+        raise FormatError(f"{path} is not a readable zip file ({printable(e)})") from None
     arr, file_dtype = load_npy(tensor_bytes, str(path))
     check_tensor(arr, str(path))
     warn_kobold_length(arr.shape[0], str(path))

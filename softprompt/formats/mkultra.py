@@ -24,7 +24,7 @@ import torch._utils
 
 from ..errors import FormatError
 from ..soft_prompt import SoftPrompt
-from .common import check_tensor, warn_kobold_length
+from .common import check_tensor, printable, torch_load, torch_load_reason, warn_kobold_length
 
 NAME = "mkultra"
 EXTENSIONS = (".json",)
@@ -42,10 +42,11 @@ def _load_storage(blob: bytes):
     if not isinstance(blob, (bytes, bytearray)):
         raise UnsafePickle("a storage that is not bytes")
     try:
-        storage = torch.load(io.BytesIO(bytes(blob)), map_location="cpu", weights_only=True)
+        storage = torch_load(io.BytesIO(bytes(blob)))
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsafePickle(f"its tensor storage does not load safely ({first[:200]})") from None
+        raise UnsafePickle(
+            f"its tensor storage does not load safely ({torch_load_reason(e)})"
+        ) from None
     if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
         raise UnsafePickle(f"its storage is a {type(storage).__name__}")
     return storage
@@ -75,7 +76,7 @@ class TensorUnpickler(pickle.Unpickler):
         try:
             return ALLOWED[(module, name)]
         except KeyError:
-            raise UnsafePickle(f"it wants to call {module}.{name}") from None
+            raise UnsafePickle(f"it wants to call {printable(f'{module}.{name}')}") from None
 
     def persistent_load(self, pid):
         raise UnsafePickle("it uses persistent ids")
@@ -91,7 +92,7 @@ def unpickle_tensor(data: bytes, where: str) -> torch.Tensor:
         ) from None
     except Exception as e:  # truncated or malformed pickles fail in many ways
         raise FormatError(
-            f"{where}: the tensor pickle is unreadable ({type(e).__name__}: {str(e)[:150]})"
+            f"{where}: the tensor pickle is unreadable ({type(e).__name__}: {printable(e, 150)})"
         ) from None
     if not isinstance(obj, torch.Tensor):
         raise FormatError(f"{where}: the pickle holds a {type(obj).__name__}, not a tensor")

@@ -20,7 +20,17 @@ import torch
 
 from ..errors import FormatError
 from ..soft_prompt import SoftPrompt
-from .common import check_tensor, check_zip, read_member, warn_kobold_length
+from .common import (
+    NPY_ERRORS,
+    ZIP_DATA_ERRORS,
+    check_tensor,
+    check_zip,
+    printable,
+    read_member,
+    torch_load,
+    torch_load_reason,
+    warn_kobold_length,
+)
 from .kobold import load_npy
 
 NAME = "mtjsp"
@@ -52,7 +62,7 @@ def detect(path: Path) -> bool:
             return _is_npz(names) or (_is_torch_zip(names) and path.suffix.lower() in EXTENSIONS)
         with path.open("rb") as fh:  # torch.save's legacy (non-zip) format starts as a pickle
             return path.suffix.lower() in EXTENSIONS and fh.read(1) == b"\x80"
-    except (zipfile.BadZipFile, OSError, ValueError):
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
         return False
 
 
@@ -69,8 +79,8 @@ def load(path: Path) -> SoftPrompt:
                 )
     except zipfile.BadZipFile:
         pass  # maybe torch.save's legacy format
-    except (zipfile.LargeZipFile, OSError, EOFError, NotImplementedError) as e:
-        raise FormatError(f"{path} is not a readable {WHAT} ({e})") from None
+    except (zipfile.LargeZipFile, OSError, EOFError, NotImplementedError, *ZIP_DATA_ERRORS) as e:
+        raise FormatError(f"{path} is not a readable {WHAT} ({printable(e)})") from None
     return _load_torch(path)
 
 
@@ -92,8 +102,10 @@ def _load_npz(z: zipfile.ZipFile, path: Path) -> SoftPrompt:
         data = read_member(z, f"{key}.npy", MAX_SCALAR_BYTES, path, WHAT)
         try:
             value = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise FormatError(f"{path}: {key} is not a readable .npy number ({e})") from None
+        except NPY_ERRORS as e:
+            raise FormatError(
+                f"{path}: {key} is not a readable .npy number ({printable(e)})"
+            ) from None
         if value.size != 1 or value.dtype.kind not in "iuf":
             raise FormatError(
                 f"{path}: {key} should be one number, got {value.dtype} {value.shape}"
@@ -108,11 +120,11 @@ def _load_torch(path: Path) -> SoftPrompt:
             f"{path} is larger than the {MAX_TOTAL_BYTES} bytes allowed for a soft prompt checkpoint"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch_load(path)
     except Exception as e:  # weights_only refuses anything but tensors and plain containers
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FormatError(
-            f"{path} is not a {WHAT} that loads safely (torch.load with weights_only=True: {first[:200]})"
+            f"{path} is not a {WHAT} that loads safely "
+            f"(torch.load with weights_only=True: {torch_load_reason(e)})"
         ) from None
     if not isinstance(obj, dict) or not isinstance(obj.get("tensor"), torch.Tensor):
         raise FormatError(f"{path} holds no 'tensor' entry: expected a {WHAT}")

@@ -12,7 +12,7 @@ import torch
 from ..errors import FormatError
 from ..fileio import atomic_write
 from ..soft_prompt import SoftPrompt
-from .common import check_tensor, stored_meta
+from .common import check_tensor, printable, stored_meta
 
 NAME = "safetensors"
 EXTENSIONS = (".safetensors",)
@@ -52,7 +52,7 @@ def load(path: Path) -> SoftPrompt:
             raw_meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise FormatError(
-            f"{path} is not a readable .safetensors file ({str(e).splitlines()[0]})"
+            f"{path} is not a readable .safetensors file ({printable((str(e).strip() or type(e).__name__).splitlines()[0])})"
         ) from None
     meta: dict = {}
     if "meta" in raw_meta:

@@ -21,7 +21,14 @@ import torch
 
 from ..errors import FormatError
 from ..soft_prompt import SoftPrompt
-from .common import check_tensor, stored_meta, warn_kobold_length
+from .common import (
+    check_tensor,
+    printable,
+    stored_meta,
+    torch_load,
+    torch_load_reason,
+    warn_kobold_length,
+)
 
 NAME = "peft"
 EXTENSIONS: tuple[str, ...] = ()  # a folder, written when the output name has no extension
@@ -55,7 +62,7 @@ def _read_config(folder: Path) -> dict:
     kind = cfg.get("peft_type")
     if kind != "PROMPT_TUNING":
         raise FormatError(
-            f"{folder} is a PEFT {kind or 'unknown'} adapter; softprompt reads PROMPT_TUNING adapters only"
+            f"{folder} is a PEFT {printable(kind or 'unknown', 60)} adapter; softprompt reads PROMPT_TUNING adapters only"
         )
     return cfg
 
@@ -77,13 +84,14 @@ def load(path: Path) -> SoftPrompt:
     subs = cfg.get("num_transformer_submodules") or 1
     if subs != 1:
         raise FormatError(
-            f"{folder}: the adapter has {subs} transformer submodules (an encoder-decoder prompt); "
+            f"{folder}: the adapter has {printable(subs, 40)} transformer submodules (an encoder-decoder prompt); "
             "softprompt uses decoder-only prompts"
         )
     n, d = tensor.shape
     if cfg.get("num_virtual_tokens") not in (None, n) or cfg.get("token_dim") not in (None, d):
         raise FormatError(
-            f"{folder}: {CONFIG} says {cfg.get('num_virtual_tokens')} x {cfg.get('token_dim')} but "
+            f"{folder}: {CONFIG} says {printable(cfg.get('num_virtual_tokens'), 40)} x "
+            f"{printable(cfg.get('token_dim'), 40)} but "
             f"{TENSOR_KEY} is {n} x {d}"
         )
     warn_kobold_length(n, str(folder))
@@ -114,7 +122,7 @@ def _read_safetensors(path: Path) -> tuple[torch.Tensor, dict]:
             return f.get_tensor(TENSOR_KEY), dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise FormatError(
-            f"{path} is not a readable .safetensors file ({str(e).splitlines()[0]})"
+            f"{path} is not a readable .safetensors file ({printable((str(e).strip() or type(e).__name__).splitlines()[0])})"
         ) from None
 
 
@@ -124,11 +132,10 @@ def _read_bin(path: Path) -> torch.Tensor:
             f"{path} is larger than the {MAX_WEIGHTS_BYTES} bytes allowed for a prompt adapter"
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load(path)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FormatError(
-            f"{path} does not load safely (torch.load with weights_only=True: {first[:200]})"
+            f"{path} does not load safely (torch.load with weights_only=True: {torch_load_reason(e)})"
         ) from None
     if not isinstance(state, dict) or not isinstance(state.get(TENSOR_KEY), torch.Tensor):
         raise FormatError(

@@ -1,0 +1,426 @@
+"""Hostile input: random and damaged files given to every loader end in a SoftPromptError
+with a one-line message, never another exception, never a hang."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import pickle
+import signal
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from softprompt import SoftPrompt, load_model
+from softprompt.checkpoint import load_checkpoint
+from softprompt.cli import main
+from softprompt.config import read_toml
+from softprompt.data import read_dataset
+from softprompt.errors import (
+    ConfigError,
+    DataError,
+    FormatError,
+    ModelError,
+    RunError,
+    SoftPromptError,
+)
+from softprompt.formats import kobold, load_any, native
+from softprompt.formats import peft as peft_format
+
+# SOFTPROMPT_FUZZ_EXAMPLES=2000 searches harder (the default keeps the suite fast)
+EXAMPLES = int(os.environ.get("SOFTPROMPT_FUZZ_EXAMPLES", "40"))
+FAST = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+SECONDS = 20  # any single load taking longer than this counts as a hang
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = SECONDS):
+    """Fail (instead of waiting forever) when the block runs longer than ``seconds``."""
+
+    def alarm(signum, frame):
+        raise TimeoutError(f"hung for more than {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def fails_cleanly(call, *kinds: type[SoftPromptError], must_fail: bool = True):
+    """Run ``call``; it must raise one of ``kinds`` with a one-line message (or, with
+    ``must_fail=False``, may also succeed: a flipped bit in a tensor value is still a file)."""
+    try:
+        with no_hang():
+            result = call()
+    except SoftPromptError as e:
+        assert isinstance(e, kinds or (SoftPromptError,)), repr(e)
+        msg = str(e)
+        assert msg.strip() and "\n" not in msg and "\r" not in msg, repr(msg)
+        return e
+    assert not must_fail, f"expected a {kinds} error, got {result!r}"
+    return result
+
+
+# ----------------------------------------------------------------------------- valid files
+
+
+def _valid_files(folder: Path) -> dict[str, bytes]:
+    """{name: bytes} of one valid file of each soft prompt format (and variant)."""
+    sp = SoftPrompt(
+        torch.randn(4, 8, generator=torch.Generator().manual_seed(0)),
+        {"name": "x", "description": "d", "supported": ["m"]},
+    )
+    kobold.save(sp, folder / "p.zip")
+    native.save(sp, folder / "p.safetensors")
+    files = {
+        "p.zip": (folder / "p.zip").read_bytes(),
+        "p.safetensors": (folder / "p.safetensors").read_bytes(),
+    }
+    raw = pickle.dumps(sp.tensor.clone(), protocol=4)
+    files["p.json"] = json.dumps(
+        {"metadata": {"name": "mk"}, "tensor": base64.b64encode(raw).decode("ascii")}
+    ).encode()
+    buf = io.BytesIO()
+    np.savez_compressed(buf, tensor=sp.tensor.numpy(), step=np.uint32(7), loss=np.float32(2.5))
+    files["npz.mtjsp"] = buf.getvalue()
+    for name, new_zip in (("torchzip.mtjsp", True), ("legacy.mtjsp", False)):
+        buf = io.BytesIO()
+        torch.save(
+            {"tensor": sp.tensor.clone(), "step": 3, "loss": 1.5},
+            buf,
+            _use_new_zipfile_serialization=new_zip,
+        )
+        files[name] = buf.getvalue()
+    return files
+
+
+def _valid_peft(folder: Path) -> dict[str, bytes]:
+    sp = SoftPrompt(torch.randn(4, 8, generator=torch.Generator().manual_seed(1)), {"name": "x"})
+    peft_format.save(sp, folder / "adapter")
+    return {p.name: p.read_bytes() for p in (folder / "adapter").iterdir()}
+
+
+VALID = _valid_files(Path(tempfile.mkdtemp(prefix="softprompt-hostile-")))
+PEFT = _valid_peft(Path(tempfile.mkdtemp(prefix="softprompt-hostile-")))
+MKULTRA_PICKLE = pickle.dumps(torch.randn(3, 8), protocol=4)
+
+
+def test_the_valid_files_load(tmp_path):
+    for name, data in VALID.items():
+        (tmp_path / name).write_bytes(data)
+        assert load_any(tmp_path / name).tensor.shape[1] == 8, name
+
+
+# ----------------------------------------------------------------------------- soft prompt files
+
+
+@FAST
+@given(
+    data=st.binary(max_size=4096),
+    suffix=st.sampled_from([".zip", ".json", ".mtjsp", ".safetensors", ".npz", ".pt", ""]),
+)
+def test_random_bytes_under_any_soft_prompt_name(tmp_path, data, suffix):
+    path = tmp_path / f"random{suffix}"
+    path.write_bytes(data)
+    fails_cleanly(lambda: load_any(path), FormatError)
+
+
+# prefixes that get random bytes past each format's first check
+@FAST
+@given(
+    head=st.sampled_from(
+        [b"PK\x03\x04", b"\x80\x02", b'{"tensor": "', b"\x10\x00" + b"\0" * 6 + b"{"]
+    ),
+    data=st.binary(max_size=2048),
+    suffix=st.sampled_from([".zip", ".json", ".mtjsp", ".safetensors"]),
+)
+def test_random_bytes_behind_a_plausible_header(tmp_path, head, data, suffix):
+    path = tmp_path / f"plausible{suffix}"
+    body = head + data
+    if head.startswith(b"{"):
+        body += b'", "metadata": {}}'
+    path.write_bytes(body)
+    fails_cleanly(lambda: load_any(path), FormatError)
+
+
+def _mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:
+    out = bytearray(data)
+    for pos, byte in edits:
+        out[pos % len(out)] ^= byte or 0xFF
+    if cut is not None:
+        out = out[: cut % (len(out) + 1)]
+    return bytes(out)
+
+
+EDITS = st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), max_size=6)
+CUT = st.none() | st.integers(0, 1 << 20)
+
+
+@FAST
+@given(name=st.sampled_from(sorted(VALID)), edits=EDITS, cut=CUT)
+def test_damaged_soft_prompt_files(tmp_path, name, edits, cut):
+    path = tmp_path / name
+    path.write_bytes(_mutate(VALID[name], edits, cut))
+    result = fails_cleanly(lambda: load_any(path), FormatError, must_fail=False)
+    if isinstance(result, SoftPrompt):  # what loads is a sane soft prompt
+        assert result.tensor.dim() == 2 and torch.isfinite(result.tensor).all()
+
+
+@FAST
+@given(edits=EDITS, cut=CUT)
+def test_mkultra_with_a_damaged_pickle(tmp_path, edits, cut):
+    raw = _mutate(MKULTRA_PICKLE, edits, cut)
+    path = tmp_path / "mk.json"
+    path.write_text(json.dumps({"metadata": {}, "tensor": base64.b64encode(raw).decode()}))
+    fails_cleanly(lambda: load_any(path), FormatError, must_fail=False)
+
+
+@FAST
+@given(edits=EDITS, cut=CUT, member=st.sampled_from(["tensor.npy", "meta.json"]))
+def test_kobold_zip_with_a_damaged_member(tmp_path, edits, cut, member):
+    # a well-formed zip around damaged content: the member parsers see the bad bytes
+    with zipfile.ZipFile(io.BytesIO(VALID["p.zip"])) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    members[member] = _mutate(members[member], edits, cut)
+    path = tmp_path / "p.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in members.items():
+            z.writestr(n, data)
+    fails_cleanly(lambda: load_any(path), FormatError, must_fail=False)
+
+
+def test_npy_header_whose_shape_overflows(tmp_path):
+    # shape product wraps around int64: must not pass the size check and allocate
+    header = {"descr": "<f4", "fortran_order": False, "shape": (2**62, 2**3)}
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    buf.write(b"\0" * 64)
+    path = tmp_path / "p.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("tensor.npy", buf.getvalue())
+    fails_cleanly(lambda: load_any(path), FormatError)
+
+
+@FAST
+@given(
+    member=st.sampled_from(sorted(PEFT)),
+    edits=EDITS,
+    cut=CUT,
+    config=st.none()
+    | st.dictionaries(
+        st.sampled_from(
+            ["peft_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules"]
+        ),
+        st.none()
+        | st.integers(-3, 10)
+        | st.text(max_size=5)
+        | st.just("PROMPT_TUNING")
+        | st.just("a\nb\x1b[2J"),
+    ),
+)
+def test_damaged_peft_adapter_folder(tmp_path, member, edits, cut, config):
+    folder = tmp_path / "adapter"
+    folder.mkdir(exist_ok=True)
+    for name, data in PEFT.items():
+        (folder / name).write_bytes(_mutate(data, edits, cut) if name == member else data)
+    if config is not None:
+        (folder / peft_format.CONFIG).write_text(json.dumps(config))
+    fails_cleanly(lambda: load_any(folder), FormatError, must_fail=False)
+
+
+@pytest.mark.parametrize("head", [b"\x80\xfd", b"\x80\x02\x8a"])
+def test_torch_files_fail_quietly_and_never_advise_weights_only_false(tmp_path, head):
+    # torch warns about odd pickle protocols and advises retrying with weights_only=False:
+    # neither may reach the user
+    path = tmp_path / "t.mtjsp"
+    path.write_bytes(head + b"garbage" * 10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        e = fails_cleanly(lambda: load_any(path), FormatError)
+    assert not caught, [str(w.message) for w in caught]
+    assert "weights_only` set to `False" not in str(e) and "weights_only=True" in str(e)
+
+
+@FAST
+@given(data=st.binary(max_size=2048), head=st.sampled_from([b"", b"\x80\x02", b"PK\x03\x04"]))
+def test_damaged_training_checkpoint(tmp_path, data, head):
+    (tmp_path / "checkpoint.pt").write_bytes(head + data)
+    e = fails_cleanly(lambda: load_checkpoint(tmp_path), RunError)
+    assert "checkpoint" in str(e) and "--force" in str(e) or "not a softprompt checkpoint" in str(e)
+
+
+# ----------------------------------------------------------------------------- config files
+
+
+@FAST
+@given(text=st.text(max_size=300) | st.binary(max_size=300))
+def test_random_config_files(tmp_path, text):
+    path = tmp_path / "c.toml"
+    if isinstance(text, str):
+        path.write_text(text, encoding="utf-8")
+    else:
+        path.write_bytes(text)
+    result = fails_cleanly(lambda: read_toml(path), ConfigError, must_fail=False)
+    if isinstance(result, dict):  # only empty or comment-only documents get through
+        assert result == {}
+
+
+@FAST
+@given(
+    key=st.sampled_from(["lr", "max-steps", "dataset", "recursive", "train", "tokens"]),
+    value=st.sampled_from(
+        ['"x"', "1", "1.5", "true", "[1, 2]", "{a = 1}", "1979-05-27", "nan", "inf", "-0"]
+    ),
+)
+def test_config_values_of_the_wrong_type(tmp_path, key, value):
+    path = tmp_path / "c.toml"
+    path.write_text(f"{key} = {value}\n", encoding="utf-8")
+    fails_cleanly(lambda: read_toml(path), ConfigError, must_fail=False)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def test_dataset_with_invalid_utf8_and_nul_bytes(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"ok \xff\xfe not utf-8")
+    e = fails_cleanly(lambda: read_dataset(tmp_path), DataError)
+    assert "UTF-8" in str(e) and "bad.txt" in str(e)
+    (tmp_path / "bad.txt").write_bytes(b"text\x00with a NUL")
+    e = fails_cleanly(lambda: read_dataset(tmp_path), DataError)
+    assert "NUL" in str(e)
+    (tmp_path / "good.txt").write_text("Good text.", encoding="utf-8")
+    ds = read_dataset(tmp_path, skip_bad_files=True)
+    assert ds.files == ["good.txt"] and ds.skipped == ["bad.txt"]
+
+
+@FAST
+@given(data=st.binary(min_size=1, max_size=512))
+def test_dataset_of_random_bytes(tmp_path, data):
+    folder = tmp_path / "random_ds"
+    folder.mkdir(exist_ok=True)
+    (folder / "r.txt").write_bytes(data)
+    result = fails_cleanly(lambda: read_dataset(folder), DataError, must_fail=False)
+    if not isinstance(result, SoftPromptError):
+        assert result.files == ["r.txt"]
+
+
+def test_dataset_one_50_mb_line(tmp_path):
+    (tmp_path / "long.txt").write_bytes(b"a" * (50 * 1024 * 1024))
+    with no_hang():
+        ds = read_dataset(tmp_path)
+    assert ds.chars == 50 * 1024 * 1024
+
+
+def test_dataset_deeply_nested(tmp_path):
+    folder = tmp_path / "deep"
+    deep = folder.joinpath(*[f"d{i}" for i in range(60)])
+    deep.mkdir(parents=True)
+    (deep / "bottom.txt").write_text("At the bottom.", encoding="utf-8")
+    fails_cleanly(lambda: read_dataset(folder), DataError)  # not recursive: nothing found
+    with no_hang():
+        ds = read_dataset(folder, recursive=True)
+    assert len(ds.files) == 1 and ds.files[0].endswith("d59/bottom.txt")
+
+
+def test_dataset_symlink_loop(tmp_path):
+    folder = tmp_path / "loop"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a.txt").write_text("Some text.", encoding="utf-8")
+    os.symlink(folder, folder / "sub" / "back")  # a folder link to its own ancestor
+    os.symlink("self.txt", folder / "self.txt")  # a file link to itself
+    with no_hang():
+        ds = read_dataset(folder, recursive=True)
+    assert ds.files == ["sub/a.txt"]
+    fails_cleanly(lambda: read_dataset(folder / "self.txt"), DataError)
+
+
+def test_dataset_unreadable_or_not_a_file(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "good.txt").write_text("Readable.", encoding="utf-8")
+    (folder / "dir.txt").mkdir()  # a folder named like a text file
+    os.symlink(tmp_path / "missing", folder / "dangling.txt")
+    ds = read_dataset(folder)
+    assert ds.files == ["good.txt"]  # neither is a file: both are passed over
+    locked = folder / "locked.txt"
+    locked.write_text("Secret.", encoding="utf-8")
+    locked.chmod(0)
+    try:
+        if os.access(locked, os.R_OK):  # root reads anyway: nothing more to check here
+            return
+        e = fails_cleanly(lambda: read_dataset(folder), DataError)
+        assert "locked.txt" in str(e)
+        assert read_dataset(folder, skip_bad_files=True).skipped == ["locked.txt"]
+    finally:
+        locked.chmod(0o644)
+
+
+def test_dataset_only_non_files(tmp_path):
+    (tmp_path / "x.txt").mkdir()
+    os.symlink(tmp_path / "missing", tmp_path / "y.txt")
+    e = fails_cleanly(lambda: read_dataset(tmp_path), DataError)
+    assert "no .txt files" in str(e)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@FAST
+@given(data=st.binary(max_size=1024), magic=st.sampled_from([b"", b"GGUF", b"GGUF\x03\0\0\0"]))
+def test_random_gguf(tmp_path, data, magic):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(magic + data)
+    fails_cleanly(lambda: load_model(str(path), device="cpu", dtype="float32"), ModelError)
+
+
+@FAST
+@given(data=st.binary(max_size=512) | st.text(max_size=200).map(str.encode))
+def test_model_folder_with_a_garbage_config(tmp_path, data):
+    folder = tmp_path / "model"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_bytes(data)
+    fails_cleanly(lambda: load_model(str(folder), device="cpu", dtype="float32"), ModelError)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def _one_error_line(code, err):
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("softprompt: error: "), err
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.binary(min_size=1, max_size=512))
+def test_cli_random_config_and_soft_prompt(tmp_path, capsys, data):
+    config = tmp_path / "c.toml"
+    config.write_bytes(b"\xff" + data)  # never valid UTF-8, so never valid TOML
+    capsys.readouterr()
+    code = main(["train", "--config", str(config), "--output", str(tmp_path / "out")])
+    _one_error_line(code, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+    for suffix in (".zip", ".safetensors", ".json", ".mtjsp"):
+        sp = tmp_path / f"sp{suffix}"
+        sp.write_bytes(data)
+        code = main(["inspect", str(sp)])
+        _one_error_line(code, capsys.readouterr().err)
