@@ -199,3 +199,24 @@ def _session_cache(tmp_path_factory):
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own token cache folder."""
     monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "cache"))
+
+
+def run_cli(capsys, *argv):
+    """Run the `softprompt` command in-process: (exit code, stdout, stderr)."""
+    from softprompt.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    """Exit code 2 and exactly one `softprompt: error:` line, the last (notes may come
+    before it), with no traceback, containing every needle."""
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("softprompt: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in errors[0], errors[0]

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
-from softprompt.cli import main
+from conftest import assert_one_line_error
+from conftest import run_cli as run
 
 TINY = [
     "--block-size",
@@ -20,22 +20,6 @@ TINY = [
     "--dtype",
     "float32",
 ]
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("softprompt: error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], err  # notes may come first; one error, last
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 def test_train_from_the_command_line(tiny_models, corpus, tmp_path, capsys):

@@ -9,10 +9,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import assert_one_line_error
+from conftest import run_cli as run
 
 from softprompt import train
 from softprompt.checkpoint import load_checkpoint
-from softprompt.cli import main
 from softprompt.errors import RunError
 
 # the module (the attribute softprompt.train is the function)
@@ -31,22 +32,6 @@ TINY = [
     "float32",
 ]
 TINY_OPTIONS = dict(block_size=32, batch_size=2, progress=False, report=False)
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("softprompt: error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 # ----------------------------------------------------------------------------- free disk space
