@@ -99,6 +99,11 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "decoupled weight decay")
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0 disables)")
     optimizer: str = _opt("adamw", "optimizer", OPTIMIZERS)
+    checkpointing: bool = _opt(
+        True,
+        "recompute each layer's activations in the backward pass instead of keeping them "
+        "(about a third less memory; measured no slower on CPU)",
+    )
     eval_every: int = _opt(50, "steps between validation runs (0: only at start and end)")
     save_every: int = _opt(50, "steps between checkpoints (0: only at the end)")
     seed: int = _opt(1729, "random seed (file order, batches, initialisation)")

@@ -31,7 +31,7 @@ from .data import make_blocks, read_dataset, split_blocks, token_stream, tokeniz
 from .errors import ConfigError, DataError, RunError
 from .fileio import atomic_write, safe_filename, write_text
 from .formats import kobold, mtjsp, native
-from .model import LoadedModel, load_model
+from .model import LoadedModel, activation_checkpointing, load_model
 from .soft_prompt import SoftPrompt, block_loss, init_tensor, read_init_text
 
 log = logging.getLogger(__name__)
@@ -321,7 +321,7 @@ def train(
     step, tokens_seen, t_start = start_step, 0, time.perf_counter()
     bar = progress_bar(cfg.progress, total_steps, start_step)
     stop = StopFlag()
-    with stop.installed():
+    with stop.installed(), activation_checkpointing(lm.model, cfg.checkpointing):
         while step < total_steps:
             loss_sum = 0.0
             for _ in range(cfg.grad_accum):

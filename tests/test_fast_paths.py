@@ -53,3 +53,25 @@ def test_bfloat16_training_loss_tracks_float32(tiny_models):
         lm = load_model(str(tiny_models["llama"]), device="cpu", dtype=dtype)
         losses[dtype] = sp.block_loss(lm.model, soft, block).item()
     assert abs(losses["float32"] - losses["bfloat16"]) < 0.05
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt350", "gemma", "gpt_neox"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradient(tiny_models, arch):
+    from softprompt.model import activation_checkpointing
+
+    lm = load_model(str(tiny_models[arch]), device="cpu", dtype="float32")
+    torch.manual_seed(0)
+    soft = torch.randn(4, lm.embed_dim, requires_grad=True)
+    block = torch.randint(0, 300, (2, 12))
+    results = []
+    for enabled in (False, True):
+        with activation_checkpointing(lm.model, enabled) as active:
+            assert active is enabled
+            loss = sp.block_loss(lm.model, soft, block)
+            (grad,) = torch.autograd.grad(loss, soft)
+        results.append((loss.detach(), grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
+    # the model is left as it was: eval mode, the layers' own forward methods
+    assert not any(m.training for m in lm.model.modules())
+    assert not any("forward" in m.__dict__ for m in lm.model.modules())
