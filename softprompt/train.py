@@ -233,13 +233,14 @@ def train(
     # and its time gives the estimate.
     check_batch = batches.batch(samples_seen)
     t0 = time.perf_counter()
-    check_loss = block_loss(lm.model, soft, check_batch)
-    if not math.isfinite(check_loss.item()):
-        raise RunError(
-            f"the loss is not finite on the first batch, before any training (model {lm.name} "
-            f"in {str(lm.dtype).removeprefix('torch.')}): try --dtype float32 or another --init"
-        )
-    check_loss.backward()
+    with activation_checkpointing(lm.model, cfg.checkpointing):  # as in training: same memory
+        check_loss = block_loss(lm.model, soft, check_batch)
+        if not math.isfinite(check_loss.item()):
+            raise RunError(
+                f"the loss is not finite on the first batch, before any training (model {lm.name} "
+                f"in {str(lm.dtype).removeprefix('torch.')}): try --dtype float32 or another --init"
+            )
+        check_loss.backward()
     step_seconds = (time.perf_counter() - t0) * cfg.grad_accum
     soft.grad = None
     eval_seconds = step_seconds / cfg.grad_accum / 3 * math.ceil(len(val_blocks) / batch_size)
