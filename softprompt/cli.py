@@ -108,6 +108,18 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         )
 
 
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)"
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="model dtype (default: auto)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="softprompt", description="Train, share and use soft prompts.")
     parser.add_argument("--version", action="version", version=f"softprompt {__version__}")
@@ -201,8 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="print only the new text, not the prompt",
     )
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    add_device_options(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
@@ -256,8 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="blocks per forward pass (default: 4)",
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    add_device_options(p)
     p.set_defaults(func=cmd_eval)
     add_format_commands(sub)
     return parser

@@ -15,12 +15,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .data import make_blocks, read_dataset, split_blocks, token_stream, tokenize_dataset
 from .errors import ConfigError, DataError
 from .model import LoadedModel
-from .soft_prompt import SoftPrompt, block_logits, embed_ids
+from .soft_prompt import SoftPrompt, block_logits, cross_entropy, embed_ids
 
 DEFAULT_SEED = 1729  # the training default: the same file order, hence the same blocks
 DEFAULT_MAX_BLOCKS = 64
@@ -103,9 +102,7 @@ def score_blocks(
         batch = blocks[i : i + batch_size].to(device)  # (B, T)
         T = batch.shape[1]
         logits = block_logits(model, prefix, batch)[:, -(T - 1) :]  # (B, T - 1, V)
-        nll = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
+        nll = cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).sum()
         total += nll.double().item()
         count += batch[:, 1:].numel()
     return total, count

@@ -329,32 +329,10 @@ def generate(
     lm: LoadedModel,
     prompt: str,
     soft_prompt: SoftPrompt | torch.Tensor | None = None,
-    *,
-    max_new_tokens: int = 80,
-    temperature: float = 0.8,
-    top_p: float = 0.95,
-    top_k: int = 0,
-    typical: float = 1.0,
-    repetition_penalty: float = 1.0,
-    seed: int = 0,
-    stop: Sequence[str] = (),
+    **options,
 ) -> str:
-    """The continuation of ``prompt`` (the new text only); see ``stream``."""
-    return "".join(
-        stream(
-            lm,
-            prompt,
-            soft_prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            typical=typical,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop=stop,
-        )
-    )
+    """The continuation of ``prompt`` (the new text only); the options are ``stream``'s."""
+    return "".join(stream(lm, prompt, soft_prompt, **options))
 
 
 # `softprompt.generate` is this function; `softprompt.generate.stream` is its streaming twin.

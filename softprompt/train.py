@@ -529,8 +529,6 @@ def resolve_tokens(
     if cfg.tokens:
         return cfg.tokens
     if cfg.init == "text":
-        from .soft_prompt import read_init_text
-
         return max(
             1,
             len(lm.tokenizer(read_init_text(cfg.init_text), add_special_tokens=False)["input_ids"]),
