@@ -23,6 +23,7 @@ else:  # pragma: no cover
 INITS = ("text", "vocab", "random")
 OPTIMIZERS = ("adamw", "adafactor")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_MAPS = ("auto", "balanced", "sequential")
 DEFAULT_TOKENS = 20
 
 
@@ -62,6 +63,28 @@ class TrainConfig:
     device: str = _opt("auto", "cpu, cuda, cuda:N, mps or auto", group="model")
     dtype: str = _opt(
         "auto", "model dtype (auto: bfloat16 where the hardware does it well)", DTYPES, "model"
+    )
+    device_map: str | None = _opt(
+        None,
+        "spread the model over this machine's GPUs: auto, balanced or sequential "
+        "(one process, not with torchrun)",
+        group="model",
+    )
+    shard_model: bool = _opt(
+        False,
+        "split the frozen model across the torchrun processes with FSDP "
+        "(for a model bigger than one device)",
+        group="model",
+    )
+    load_in_8bit: bool = _opt(
+        False,
+        "load the frozen model in 8 bits with bitsandbytes (CUDA; pip install 'softprompt[quantize]')",
+        group="model",
+    )
+    load_in_4bit: bool = _opt(
+        False,
+        "load the frozen model in 4 bits (NF4) with bitsandbytes (CUDA; pip install 'softprompt[quantize]')",
+        group="model",
     )
     # the soft prompt
     name: str | None = _opt(
@@ -165,9 +188,30 @@ class TrainConfig:
         need(self.save_every >= 0, "--save-every must be 0 or more")
         if self.init == "text":
             need(bool(self.init_text), "--init text needs --init-text TEXT_OR_FILE")
+        need(
+            self.device_map in (None, *DEVICE_MAPS),
+            f"--device-map must be one of {', '.join(DEVICE_MAPS)} (got {self.device_map!r})",
+        )
+        need(
+            not (self.load_in_8bit and self.load_in_4bit),
+            "--load-in-8bit and --load-in-4bit exclude each other: pick one",
+        )
+        need(
+            not (self.shard_model and self.device_map),
+            "--shard-model (FSDP across processes) and --device-map (one process) exclude each other",
+        )
+        need(
+            not (self.shard_model and self.quantize),
+            "--shard-model cannot shard a bitsandbytes-quantized model: use one of them",
+        )
         if problems:
             raise ConfigError("; ".join(problems))
         return self
+
+    @property
+    def quantize(self) -> str | None:
+        """How the frozen model is loaded: "8bit", "4bit" or None."""
+        return "8bit" if self.load_in_8bit else "4bit" if self.load_in_4bit else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -199,17 +200,28 @@ def load_model(
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = "auto",
     trust_remote_code: bool = False,
+    device_map: str | None = None,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM frozen (no gradients, eval mode) with its tokenizer.
 
     ``spec`` is a Hugging Face hub id, a local folder, a .gguf file, or None for the default
-    model. Nothing from the hub is fetched unless ``spec`` is a hub id.
+    model. Nothing from the hub is fetched unless ``spec`` is a hub id. ``device_map``
+    ("auto", ...) spreads the layers over the machine's GPUs (accelerate); ``quantize``
+    ("8bit", "4bit") loads the weights quantized with bitsandbytes, on CUDA only.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = device if isinstance(device, torch.device) else pick_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, dev)
     kwargs: dict = {_dtype_kwarg(): dt, "trust_remote_code": trust_remote_code}
+    if quantize:
+        kwargs["quantization_config"] = bitsandbytes_config(quantize, dev, dt, spec)
+        kwargs["device_map"] = device_map or {
+            "": dev.index if dev.index is not None else torch.cuda.current_device()
+        }
+    elif device_map:
+        kwargs["device_map"] = device_map
 
     path: Path | None
     if spec is None:
@@ -289,12 +301,43 @@ def load_model(
         save_gguf_cache(model, tokenizer, gguf_cache)
     model.requires_grad_(False)
     model.eval()
-    model.to(dev)
+    if "device_map" in kwargs:  # placed by accelerate: the soft prompt goes with the embeddings
+        dev = model.get_input_embeddings().weight.device
+    else:
+        model.to(dev)
     contiguous_head_input(model)
     name = _short_name(spec_str, path)
     log.debug("loaded %s on %s as %s", name, dev, dt)
     return LoadedModel(
         model, tokenizer, name, spec_str if path is None else str(path.resolve()), dev, dt
+    )
+
+
+def bitsandbytes_config(quantize: str, device: torch.device, dtype: torch.dtype, spec) -> Any:
+    """The quantization config for ``--load-in-8bit`` / ``--load-in-4bit`` (NF4 with double
+    quantization and ``dtype`` compute, as QLoRA does), after checking it can run here."""
+    flag = f"--load-in-{quantize}"
+    if device.type != "cuda":
+        raise ModelError(
+            f"{flag} needs a CUDA GPU (bitsandbytes quantizes on CUDA) and the device is {device}; "
+            "leave it out here (bfloat16 is already the lean choice on this machine)"
+        )
+    if spec is not None and os.fspath(spec).endswith(".gguf"):
+        raise ModelError(
+            f"{flag} quantizes a Hugging Face model; {spec} is a .gguf file: give a model folder "
+            "or hub id, or leave the flag out"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"{flag} needs bitsandbytes: pip install 'softprompt[quantize]'")
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
     )
 
 

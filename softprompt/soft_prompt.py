@@ -173,13 +173,36 @@ def _logits_kwarg(forward_cls: type) -> str | None:
 def block_logits(model: torch.nn.Module, soft: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """Logits predicting every token of ``block`` (B, T) from the soft prompt and the tokens
     before it: (B, T, V). The last token is not fed in, and no LM head work is done on the
-    soft positions except the last one, which predicts the block's first token."""
-    embeds = prepend(model, soft, block[:, :-1])  # (B, n + T - 1, d)
+    soft positions except the last one, which predicts the block's first token.
+    ``model`` is a causal LM or a ``PromptedModel`` around one."""
     keep = n_predicted(soft.shape[0], block.shape[1])
+    if isinstance(model, PromptedModel):
+        return model(soft, block[:, :-1], keep)
+    return _prompted_logits(model, soft, block[:, :-1], keep)
+
+
+def _prompted_logits(
+    model: torch.nn.Module, soft: torch.Tensor, input_ids: torch.Tensor, keep: int
+) -> torch.Tensor:
+    embeds = prepend(model, soft, input_ids)  # (B, n + T - 1, d)
     key = _logits_kwarg(type(model))
     if key is not None:
         return model(inputs_embeds=embeds, use_cache=False, **{key: keep}).logits
     return model(inputs_embeds=embeds, use_cache=False).logits[:, -keep:]
+
+
+class PromptedModel(torch.nn.Module):
+    """A causal LM and the soft prompt's concatenation in one module: the logits of the last
+    ``keep`` positions of ``[soft; embed(input_ids)]``. The embedding lookup happens inside
+    this module's forward, which is what a model sharded with FSDP needs (its embedding
+    weights are gathered only while the module that owns them runs)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, soft: torch.Tensor, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
+        return _prompted_logits(self.model, soft, input_ids, keep)
 
 
 def n_predicted(n_soft: int, T: int) -> int:

@@ -24,14 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import DEFAULT_TOKENS, TrainConfig, read_toml, to_toml
 from .data import make_blocks, read_dataset, split_blocks, token_stream, tokenize_dataset
 from .errors import ConfigError, DataError, RunError
 from .fileio import atomic_write, safe_filename, write_text
 from .formats import kobold, mtjsp, native
-from .model import LoadedModel, activation_checkpointing, load_model
+from .model import LoadedModel, activation_checkpointing, load_model, pick_device
 from .soft_prompt import SoftPrompt, block_loss, init_tensor, read_init_text
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,10 @@ def train(
 ) -> TrainResult:
     """Train a soft prompt. ``train(dataset="texts/", output="out", max_steps=100)`` or
     ``train(TrainConfig(...))``. A model already loaded with ``load_model`` may be passed to
-    skip loading it again. Raises SoftPromptError subclasses for anything the user can fix."""
+    skip loading it again (a string there is the model option: an id, folder or .gguf file).
+    Raises SoftPromptError subclasses for anything the user can fix."""
+    if model is not None and not isinstance(model, LoadedModel):
+        options["model"], model = os.fspath(model), None
     if (
         config is None
         and options.get("resume")
@@ -97,8 +100,25 @@ def train(
             options = {**read_toml(saved), **options}
     cfg = dataclasses.replace(config, **options) if config else TrainConfig(**options)
     cfg.validate()
+    ranks = distributed.from_env()  # rank 0 of 1 unless launched by torchrun
+    if ranks.enabled and cfg.device_map:
+        raise ConfigError(
+            "--device-map spreads one process's model over the GPUs; with torchrun use "
+            "--shard-model instead"
+        )
+    if not ranks.main:
+        log.setLevel(logging.WARNING)  # one voice: rank 0's
+    device = model.device if model else distributed.rank_device(ranks, pick_device(cfg.device))
+    with distributed.process_group(ranks, device):
+        return _train(cfg, model, ranks, device)
+
+
+def _train(
+    cfg: TrainConfig, model: LoadedModel | None, ranks: distributed.Ranks, device: torch.device
+) -> TrainResult:
     out = Path(cfg.output).expanduser()
-    checkpoint = check_output(out, cfg)
+    # only rank 0 reads the output folder (on several nodes it is rank 0's)
+    checkpoint = distributed.broadcast(ranks, check_output(out, cfg) if ranks.main else None)
 
     # --- data (read before the model loads, so a bad dataset fails in a second)
     texts = read_dataset(cfg.dataset, cfg.recursive, cfg.skip_bad_files)
@@ -113,7 +133,10 @@ def train(
         )
 
     # --- model
-    lm = model or load_model(cfg.model, cfg.device, cfg.dtype)
+    with distributed.main_first(ranks):  # rank 0 fills the converted-model cache first
+        lm = model or load_model(
+            cfg.model, device, cfg.dtype, device_map=cfg.device_map, quantize=cfg.quantize
+        )
     if checkpoint is not None and not cfg.force and checkpoint["model"] != lm.source:
         raise RunError(
             f"--resume: the checkpoint in {out} was trained on {checkpoint['model']}, not {lm.source}; "
@@ -134,8 +157,10 @@ def train(
             f"--block-size {block_size} plus {n_tokens} soft tokens exceeds the model's context of "
             f"{context}: use --block-size {context - n_tokens} or less"
         )
-    check_free_space(out, n_tokens, lm.embed_dim)
-    corpus = tokenize_dataset(texts, lm.tokenizer, cfg.cache_dir)
+    if ranks.main:
+        check_free_space(out, n_tokens, lm.embed_dim)
+    with distributed.main_first(ranks):  # rank 0 writes the token cache, the others read it
+        corpus = tokenize_dataset(texts, lm.tokenizer, cfg.cache_dir)
     del texts
     stream = token_stream(corpus, lm.eos_token_id, cfg.seed)
     blocks = make_blocks(stream, block_size)
@@ -151,10 +176,12 @@ def train(
             f"--grad-accum {cfg.grad_accum} is more than the {len(train_blocks)} training blocks: "
             f"use --grad-accum {len(train_blocks)} or less, or add text"
         )
-    batch_size = min(cfg.batch_size, len(train_blocks))
+    batch_size, grad_accum = min(cfg.batch_size, len(train_blocks)), cfg.grad_accum
     if batch_size < cfg.batch_size:
         log.info("note: --batch-size lowered to %d, the number of training blocks", batch_size)
-    samples_per_step = batch_size * cfg.grad_accum
+    if checkpoint is not None:
+        batch_size, grad_accum = fit_global_batch(checkpoint, batch_size, grad_accum, ranks.world)
+    samples_per_step = batch_size * grad_accum * ranks.world  # the global batch
     steps_per_epoch = len(train_blocks) / samples_per_step
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     if checkpoint is not None and checkpoint["step"] >= total_steps:
@@ -170,7 +197,12 @@ def train(
         )
     name = cfg.name or default_name(cfg.dataset)
     resolved = dataclasses.replace(
-        cfg, tokens=n_tokens, block_size=block_size, name=name, batch_size=batch_size
+        cfg,
+        tokens=n_tokens,
+        block_size=block_size,
+        name=name,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
     )
 
     log.info(
@@ -207,7 +239,10 @@ def train(
         soft_init = init_sp.tensor
     else:
         soft_init = init_tensor(lm.model, lm.tokenizer, cfg.init, n_tokens, cfg.init_text, cfg.seed)
+    soft_init = distributed.broadcast(ranks, soft_init.float().cpu())  # identical on all ranks
     soft = torch.nn.Parameter(soft_init.to(lm.device, torch.float32))
+    # what runs the model: the model itself, or (--shard-model) its FSDP-sharded wrapper
+    net = distributed.shard_model(lm.model, ranks) if cfg.shard_model else lm.model
     optimizer = make_optimizer(cfg, soft)
     if mtj_step:  # the schedule picks up at the mtj run's step (LambdaLR then needs initial_lr)
         for group in optimizer.param_groups:
@@ -228,33 +263,37 @@ def train(
         torch.set_rng_state(checkpoint["torch_rng"])
         start_step, samples_seen = int(checkpoint["step"]), int(checkpoint["samples"])
     batches = BatchSampler(train_blocks, batch_size, cfg.seed, lm.device)
+    mine = ranks.rank * batch_size  # this rank's offset within each global micro-batch
 
     # --- one forward/backward step before anything is written: it proves the setup works
     # and its time gives the estimate.
-    check_batch = batches.batch(samples_seen)
+    check_batch = batches.batch(samples_seen + mine)
     t0 = time.perf_counter()
-    with activation_checkpointing(lm.model, cfg.checkpointing):  # as in training: same memory
-        check_loss = block_loss(lm.model, soft, check_batch)
+    with activation_checkpointing(net, cfg.checkpointing):  # as in training: same memory
+        check_loss = block_loss(net, soft, check_batch)
         if not math.isfinite(check_loss.item()):
             raise RunError(
                 f"the loss is not finite on the first batch, before any training (model {lm.name} "
                 f"in {str(lm.dtype).removeprefix('torch.')}): try --dtype float32 or another --init"
             )
         check_loss.backward()
-    step_seconds = (time.perf_counter() - t0) * cfg.grad_accum
+    step_seconds = (time.perf_counter() - t0) * grad_accum
     soft.grad = None
-    eval_seconds = step_seconds / cfg.grad_accum / 3 * math.ceil(len(val_blocks) / batch_size)
+    eval_seconds = (
+        step_seconds / grad_accum / 3 * math.ceil(len(val_blocks) / batch_size / ranks.world)
+    )
     n_evals = 2 + (total_steps - start_step) // cfg.eval_every if cfg.eval_every else 2
     estimate = step_seconds * (total_steps - start_step) + eval_seconds * n_evals
     log.info(
-        "soft prompt: %d tokens, init %s%s; %s steps of %d x %d blocks (%.2f epochs, %.1f steps/epoch), "
+        "soft prompt: %d tokens, init %s%s; %s steps of %s%d x %d blocks (%.2f epochs, %.1f steps/epoch), "
         "lr %g, %s; estimate %s",
         n_tokens,
         cfg.init,
         " (resumed)" if checkpoint or mtj_step else "",
         total_steps,
+        f"{ranks.world} ranks x " if ranks.enabled else "",
         batch_size,
-        cfg.grad_accum,
+        grad_accum,
         total_steps / steps_per_epoch,
         steps_per_epoch,
         cfg.lr,
@@ -262,14 +301,18 @@ def train(
         format_seconds(estimate),
     )
 
-    # --- the output folder: created only now that every check has passed
-    out.mkdir(parents=True, exist_ok=True)
-    if checkpoint is None:
-        for stale in (CHECKPOINT, METRICS_FILE, SOFTPROMPT_FILE):  # --force over an older run
-            with contextlib.suppress(FileNotFoundError):
-                (out / stale).unlink()
-    write_text(out / CONFIG_FILE, to_toml(resolved.to_dict()))
-    metrics = Metrics(out / METRICS_FILE, keep_until=start_step if checkpoint else None)
+    # --- the output folder: created only now that every check has passed (by rank 0 alone)
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if checkpoint is None:
+            for stale in (CHECKPOINT, METRICS_FILE, SOFTPROMPT_FILE):  # --force over an older run
+                with contextlib.suppress(FileNotFoundError):
+                    (out / stale).unlink()
+        write_text(out / CONFIG_FILE, to_toml(resolved.to_dict()))
+    metrics = Metrics(
+        out / METRICS_FILE if ranks.main else None,
+        keep_until=start_step if checkpoint else None,
+    )
     meta_base = {
         "name": name,
         "description": cfg.description,
@@ -290,6 +333,9 @@ def train(
 
     def make_checkpoint(step: int, samples: int) -> None:
         nonlocal saved_step
+        saved_step = step
+        if not ranks.main:
+            return
         save_checkpoint(
             out,
             {
@@ -302,14 +348,22 @@ def train(
                 "dataset_hash": corpus.content_hash,
                 "model": lm.source,
                 "total_steps": total_steps,
+                "world_size": ranks.world,
+                "samples_per_step": samples_per_step,
             },
         )
-        saved_step = step
 
     def validate(step: int) -> float | None:
         if not len(val_blocks):
             return None
-        loss = evaluate_blocks(lm.model, soft.detach(), val_blocks, batch_size, lm.device)
+        # each rank scores its share of the blocks; the sums are added up across ranks
+        share = val_blocks[ranks.rank :: ranks.world]
+        n_batches = math.ceil(math.ceil(len(val_blocks) / ranks.world) / batch_size)
+        sums = loss_sums(net, soft.detach(), share, batch_size, lm.device, n_batches)
+        if not len(share):  # fewer blocks than ranks: this one only keeps the others company
+            loss_sums(net, soft.detach(), val_blocks[:1], batch_size, lm.device, n_batches)
+        total, count = distributed.sum_across(ranks, list(sums), lm.device)
+        loss = total / max(count, 1)
         metrics.write({"step": step, "val_loss": loss, "val_ppl": _ppl(loss)})
         if not cfg.progress:  # without a bar, a line per validation shows the run is alive
             log.info("step %d/%d: validation loss %.4f", step, total_steps, loss)
@@ -320,17 +374,19 @@ def train(
     val_last = val_before
     tokens_per_step = samples_per_step * block_size
     step, tokens_seen, t_start = start_step, 0, time.perf_counter()
-    bar = progress_bar(cfg.progress, total_steps, start_step)
+    bar = progress_bar(cfg.progress and ranks.main, total_steps, start_step)
     stop = StopFlag()
-    with stop.installed(), activation_checkpointing(lm.model, cfg.checkpointing):
+    with stop.installed(), activation_checkpointing(net, cfg.checkpointing):
         while step < total_steps:
             loss_sum = 0.0
-            for _ in range(cfg.grad_accum):
-                batch = batches.batch(samples_seen)
-                loss = block_loss(lm.model, soft, batch) / cfg.grad_accum
+            for _ in range(grad_accum):
+                batch = batches.batch(samples_seen + mine)
+                loss = block_loss(net, soft, batch) / grad_accum
                 loss.backward()
                 loss_sum += loss.item()
-                samples_seen += batch_size
+                samples_seen += batch_size * ranks.world
+            # average gradient and loss over the ranks; stop together if any rank was asked
+            loss_sum, stopping = distributed.sync_step(ranks, soft.grad, loss_sum, stop.requested)
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_([soft], cfg.max_grad_norm)
                 if cfg.max_grad_norm > 0
@@ -372,13 +428,9 @@ def train(
                     + (f" val {val_last:.3f}" if val_last is not None else "")
                     + f" {record['tokens_per_s']:,.0f} tok/s"
                 )
-            if (
-                (cfg.save_every and step % cfg.save_every == 0)
-                or step == total_steps
-                or stop.requested
-            ):
+            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or stopping:
                 make_checkpoint(step, samples_seen)
-            if stop.requested and step < total_steps:
+            if stopping and step < total_steps:
                 if bar is not None:
                     bar.close()
                 raise Interrupted(
@@ -400,8 +452,9 @@ def train(
     }
     result_sp = SoftPrompt(soft.detach(), meta)
     zip_path = out / (safe_filename(name) + ".zip")
-    kobold.save(result_sp, zip_path)
-    native.save(result_sp, out / SOFTPROMPT_FILE)  # written last: its presence marks a finished run
+    if ranks.main:
+        kobold.save(result_sp, zip_path)
+        native.save(result_sp, out / SOFTPROMPT_FILE)  # written last: marks a finished run
     if val_before is not None:
         log.info(
             "validation loss %.4f -> %.4f (perplexity %.2f -> %.2f)",
@@ -429,10 +482,13 @@ def train(
         config=resolved,
         metrics=metrics.records,
     )
-    if cfg.report:  # report.md + loss_curve.png, with sample continuations
+    if cfg.report and ranks.main:  # report.md + loss_curve.png, with sample continuations
         from .report import write_report
 
-        result.files["report"] = write_report(out, result, lm, val_blocks)
+        # a sharded model runs only with all ranks, so its report has no sample continuations
+        result.files["report"] = write_report(
+            out, result, lm, val_blocks[:0] if cfg.shard_model else val_blocks
+        )
     return result
 
 
@@ -559,6 +615,38 @@ def mtj_resume_step(cfg: TrainConfig, init_sp: SoftPrompt | None) -> int:
     return max(0, int(init_sp.meta["step"]))
 
 
+def fit_global_batch(
+    checkpoint: dict, batch_size: int, grad_accum: int, world: int
+) -> tuple[int, int]:
+    """Per-rank batch and accumulation that keep a resumed run's global batch (samples per
+    step) when it resumes on a different number of ranks: the accumulation changes first, so
+    each rank's memory stays the same; else the per-rank batch."""
+    saved_world = int(checkpoint.get("world_size", 1))
+    if saved_world == world:
+        return batch_size, grad_accum
+    target = int(checkpoint.get("samples_per_step", batch_size * grad_accum * saved_world))
+    if target % (batch_size * world) == 0:
+        new = batch_size, target // (batch_size * world)
+    elif target % (grad_accum * world) == 0:
+        new = target // (grad_accum * world), grad_accum
+    else:
+        raise ConfigError(
+            f"--resume: the checkpoint was written by {saved_world} ranks with a global batch of "
+            f"{target} blocks, which {world} ranks cannot split evenly; resume on a number of "
+            f"ranks that divides {target}"
+        )
+    log.info(
+        "resuming a %d-rank run on %d rank%s: per-rank batch %d, accumulation %d, global batch %d kept",
+        saved_world,
+        world,
+        "" if world == 1 else "s",
+        new[0],
+        new[1],
+        target,
+    )
+    return new
+
+
 def default_block_size(context: int, n_tokens: int, device: torch.device) -> int:
     cap = GPU_BLOCK_CAP if device.type == "cuda" else CPU_BLOCK_CAP
     return max(2, min(cap, context - n_tokens))
@@ -621,27 +709,46 @@ class BatchSampler:
         return self.blocks[idx].to(self.device, non_blocking=True)  # (B, T)
 
 
-@torch.no_grad()
 def evaluate_blocks(
     model, soft: torch.Tensor, blocks: np.ndarray, batch_size: int, device
 ) -> float:
     """Mean cross-entropy per token over ``blocks`` (N, T) with the soft prompt ``soft``."""
-    total, count = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(blocks[i : i + batch_size])).to(device)
-        losses = block_loss(model, soft, batch, reduction="none")
-        total += losses.double().sum().item()
-        count += losses.numel()
+    total, count = loss_sums(model, soft, blocks, batch_size, device)
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def loss_sums(
+    model, soft: torch.Tensor, blocks: np.ndarray, batch_size: int, device, n_batches: int = 0
+) -> tuple[float, int]:
+    """Summed cross-entropy and token count over ``blocks`` (N, T). With ``n_batches`` the
+    model runs exactly that many times, repeating a block uncounted once ``blocks`` run out:
+    a model sharded across ranks needs every rank to run it equally often."""
+    total, count = 0.0, 0
+    for b in range(max(n_batches, math.ceil(len(blocks) / batch_size))):
+        part = blocks[b * batch_size : (b + 1) * batch_size]
+        counted = len(part) > 0
+        if not counted:
+            if not len(blocks):
+                break
+            part = blocks[:1]
+        batch = torch.from_numpy(np.ascontiguousarray(part)).to(device)
+        losses = block_loss(model, soft, batch, reduction="none")
+        if counted:
+            total += losses.double().sum().item()
+            count += losses.numel()
+    return total, count
 
 
 class Metrics:
     """Appends one JSON line per record to metrics.jsonl; on resume, drops the lines written
     after the checkpoint's step so the file reads as one uninterrupted run."""
 
-    def __init__(self, path: Path, keep_until: int | None):
-        self.path = path
+    def __init__(self, path: Path | None, keep_until: int | None):
+        self.path = path  # None: keep the records in memory only (ranks other than 0)
         self.records: list[dict] = []
+        if path is None:
+            return
         if keep_until is not None and path.exists():
             for line in path.read_text(encoding="utf-8").splitlines():
                 with contextlib.suppress(json.JSONDecodeError):
@@ -653,6 +760,8 @@ class Metrics:
 
     def write(self, record: dict) -> None:
         self.records.append(record)
+        if self.path is None:
+            return
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 

@@ -75,3 +75,19 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradient(tiny_models, 
     # the model is left as it was: eval mode, the layers' own forward methods
     assert not any(m.training for m in lm.model.modules())
     assert not any("forward" in m.__dict__ for m in lm.model.modules())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt350"])
+def test_prompted_model_wrapper_gives_the_same_loss_and_gradient(tiny_models, arch):
+    """The module --shard-model hands to FSDP computes what block_loss computes directly."""
+    lm = load_model(str(tiny_models[arch]), device="cpu", dtype="float32")
+    torch.manual_seed(0)
+    soft = torch.randn(3, lm.embed_dim, requires_grad=True)
+    block = torch.randint(0, 300, (2, 10))
+    results = []
+    for net in (lm.model, sp.PromptedModel(lm.model)):
+        loss = sp.block_loss(net, soft, block)
+        (grad,) = torch.autograd.grad(loss, soft)
+        results.append((loss.detach(), grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)

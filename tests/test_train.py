@@ -229,9 +229,9 @@ def stop_after(monkeypatch, stop_step: int) -> None:
     state = {"stop": False}
     original = t.Metrics.write
 
-    def write(self, record):
+    def write(self, record):  # step N-1's record is written just before step N runs
         original(self, record)
-        if record.get("step") == stop_step and "loss" in record:
+        if record.get("step") == stop_step - 1 and "loss" in record:
             state["stop"] = True
 
     class Flag(t.StopFlag):
