@@ -7,6 +7,8 @@ Greedy decoding of exactly --new-tokens tokens (EOS does not stop it) from the s
   2. softprompt's loop, no soft prompt
   3. softprompt's loop with a --tokens soft prompt (vocabulary init, or --softprompt FILE)
   4. Hugging Face `model.generate(inputs_embeds=...)` with the same soft prompt, for reference
+  5. PEFT prompt tuning's `generate` (`get_peft_model` + `PromptTuningConfig`) with the same
+     soft prompt vectors (when peft, a dev extra, is installed)
 Each is run --repeats times, taking turns, after one warm-up; the median is printed as tokens
 per second.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -134,6 +137,27 @@ def main() -> None:
         (f"softprompt loop, {soft.shape[0]}-token soft prompt", ours(soft)),
         (f"model.generate(inputs_embeds), {soft.shape[0]}-token soft prompt", hf_embeds),
     ]
+    peft_model = peft_prompt_tuning(lm.model, soft)
+    if peft_model is None:
+        print("peft is not installed: its generate is left out (pip install -e '.[dev]')")
+    else:
+
+        def peft_generate() -> int:
+            with torch.inference_mode():
+                out = peft_model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=n_new,
+                    min_new_tokens=n_new,
+                    do_sample=False,
+                    pad_token_id=pad,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                )
+            return out.shape[1] - len(ids)
+
+        cases.append((f"PEFT generate, {soft.shape[0]}-token soft prompt", peft_generate))
     print(f"prompt {len(ids)} tokens, {n_new} new tokens, greedy, median of {args.repeats}")
     base = None
     for (name, _), (seconds, n) in zip(cases, timed(cases, args.repeats), strict=True):
@@ -142,6 +166,22 @@ def main() -> None:
         print(
             f"  {name:55s} {rate:8.1f} tok/s  ({n} tokens in {seconds:.2f} s, {rate / base:6.1%} of model.generate)"
         )
+
+
+def peft_prompt_tuning(model, soft: torch.Tensor):
+    """PEFT's prompt tuning wrapper around ``model`` with ``soft`` as its virtual tokens.
+    Prompt tuning adds no layers to the model, so the other cases can keep using it."""
+    try:
+        from peft import PromptTuningConfig, TaskType, get_peft_model
+    except ImportError:
+        return None
+    warnings.filterwarnings("ignore", message="Position ids are not supported")
+    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=soft.shape[0])
+    peft_model = get_peft_model(model, config)
+    emb = peft_model.prompt_encoder["default"].embedding
+    with torch.no_grad():
+        emb.weight.copy_(soft.to(emb.weight.dtype))
+    return peft_model.eval()
 
 
 if __name__ == "__main__":
