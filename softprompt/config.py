@@ -25,6 +25,7 @@ OPTIMIZERS = ("adamw", "adafactor")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 DEFAULT_TOKENS = 20
+CPU_AUTO_BATCH = 4  # --batch-size auto on CPUs: see bench/batch_size.py
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None, group: str = "training") -> Any:
@@ -115,7 +116,11 @@ class TrainConfig:
     # optimisation
     max_steps: int | None = _opt(None, "optimizer steps to run (overrides --epochs)")
     epochs: float = _opt(1.0, "passes over the training blocks (fractional allowed)")
-    batch_size: int = _opt(4, "blocks per micro-batch")
+    batch_size: int | str = _opt(
+        4,
+        "blocks per micro-batch, per process under torchrun; auto: on a GPU the largest that "
+        f"fits its memory (found by trying), on a CPU {CPU_AUTO_BATCH}",
+    )
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     lr: float = _opt(0.03, "peak learning rate")
     warmup: float = _opt(0.1, "fraction of steps for linear warmup (then cosine decay to 0.1 x lr)")
@@ -126,6 +131,11 @@ class TrainConfig:
         True,
         "recompute each layer's activations in the backward pass instead of keeping them "
         "(about a third less memory; measured no slower on CPU)",
+    )
+    compile: bool = _opt(
+        False,
+        "compile the decoder layers with torch.compile: faster steps after a minute or so of "
+        "compiling, for long runs; falls back to plain PyTorch if compiling fails",
     )
     eval_every: int = _opt(50, "steps between validation runs (0: only at start and end)")
     save_every: int = _opt(50, "steps between checkpoints (0: only at the end)")
@@ -178,7 +188,15 @@ class TrainConfig:
             math.isfinite(self.epochs) and self.epochs > 0,
             "--epochs must be more than 0, e.g. 1 or 0.5",
         )
-        need(self.batch_size >= 1, "--batch-size must be at least 1")
+        need(
+            self.batch_size == "auto"
+            or (isinstance(self.batch_size, int) and self.batch_size >= 1),
+            f"--batch-size must be a whole number of at least 1, or auto (got {self.batch_size!r})",
+        )
+        need(
+            not (self.batch_size == "auto" and self.shard_model),
+            "--batch-size auto is not available with --shard-model: give a number",
+        )
         need(self.grad_accum >= 1, "--grad-accum must be at least 1")
         need(math.isfinite(self.lr) and self.lr > 0, "--lr must be more than 0, e.g. 0.03")
         need(0.0 <= self.warmup < 1.0, "--warmup is a fraction of the steps, in [0, 1), e.g. 0.1")
@@ -233,6 +251,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     ok: bool
     if "bool" in kind:
         ok = isinstance(value, bool)
+    elif name == "batch_size" and value == "auto":
+        ok = True
     elif "int" in kind:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif "float" in kind:

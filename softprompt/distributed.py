@@ -146,6 +146,17 @@ def sum_across(ranks: Ranks, values: list[float], device: torch.device) -> list[
     return t.tolist()
 
 
+def min_across(ranks: Ranks, value: float, device: torch.device) -> float:
+    """The smallest ``value`` over the ranks."""
+    if not ranks.enabled:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.item()
+
+
 def shard_model(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
     """Split the frozen ``model``'s weights across the ranks with FSDP: one unit per decoder
     layer, and the rest (embeddings, final norm, LM head, tied or not) in a root unit around

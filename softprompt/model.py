@@ -450,6 +450,24 @@ def activation_checkpointing(model: torch.nn.Module, enabled: bool = True):
                 layer.forward = previous
 
 
+def compile_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Compile each decoder layer in place (``Module.compile``: the module is unchanged, its
+    calls go through torch.compile). The layers share their code, so the compiled graph is
+    reused from layer to layer. Returns the layers, for ``uncompile``."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile()
+    return layers
+
+
+def uncompile(layers: list[torch.nn.Module]) -> None:
+    """Undo ``compile_layers``: calls go to the plain forward again."""
+    for layer in layers:
+        layer._compiled_call_impl = None
+
+
 def contiguous_head_input(model: torch.nn.Module) -> None:
     """Give the LM head a contiguous input. With ``logits_to_keep`` the model slices the last
     positions of each sequence, a strided view, and a matmul over a strided 3-D input turns

@@ -31,7 +31,14 @@ from .data import make_blocks, read_dataset, split_blocks, token_stream, tokeniz
 from .errors import ConfigError, DataError, RunError
 from .fileio import atomic_write, safe_filename, write_text
 from .formats import kobold, mtjsp, native
-from .model import LoadedModel, activation_checkpointing, load_model, pick_device
+from .model import (
+    LoadedModel,
+    activation_checkpointing,
+    compile_layers,
+    load_model,
+    pick_device,
+    uncompile,
+)
 from .soft_prompt import SoftPrompt, block_loss, init_tensor, read_init_text
 
 log = logging.getLogger(__name__)
@@ -176,8 +183,13 @@ def _train(
             f"--grad-accum {cfg.grad_accum} is more than the {len(train_blocks)} training blocks: "
             f"use --grad-accum {len(train_blocks)} or less, or add text"
         )
-    batch_size, grad_accum = min(cfg.batch_size, len(train_blocks)), cfg.grad_accum
-    if batch_size < cfg.batch_size:
+    wanted = (
+        auto_batch_size(lm, n_tokens, train_blocks, cfg.checkpointing, ranks)
+        if cfg.batch_size == "auto"
+        else cfg.batch_size
+    )
+    batch_size, grad_accum = min(wanted, len(train_blocks)), cfg.grad_accum
+    if batch_size < wanted:
         log.info("note: --batch-size lowered to %d, the number of training blocks", batch_size)
     if checkpoint is not None:
         batch_size, grad_accum = fit_global_batch(checkpoint, batch_size, grad_accum, ranks.world)
@@ -268,15 +280,35 @@ def _train(
     # --- one forward/backward step before anything is written: it proves the setup works
     # and its time gives the estimate.
     check_batch = batches.batch(samples_seen + mine)
-    t0 = time.perf_counter()
-    with activation_checkpointing(net, cfg.checkpointing):  # as in training: same memory
-        check_loss = block_loss(net, soft, check_batch)
-        if not math.isfinite(check_loss.item()):
-            raise RunError(
-                f"the loss is not finite on the first batch, before any training (model {lm.name} "
-                f"in {str(lm.dtype).removeprefix('torch.')}): try --dtype float32 or another --init"
+    compiled = compile_layers(lm.model) if cfg.compile else []
+
+    def check_step() -> None:
+        with activation_checkpointing(net, cfg.checkpointing):  # as in training: same memory
+            check_loss = block_loss(net, soft, check_batch)
+            if not math.isfinite(check_loss.item()):
+                raise RunError(
+                    f"the loss is not finite on the first batch, before any training (model "
+                    f"{lm.name} in {str(lm.dtype).removeprefix('torch.')}): try --dtype float32 "
+                    "or another --init"
+                )
+            check_loss.backward()
+
+    if compiled:  # compiling happens on the first call: time it apart from the step
+        t0 = time.perf_counter()
+        try:
+            check_step()
+            log.info("compiled the model's layers in %s", format_seconds(time.perf_counter() - t0))
+        except RunError:
+            raise
+        except Exception as e:  # torch.compile fails in many ways (no C compiler, an op...)
+            uncompile(compiled)
+            log.warning(
+                "note: --compile failed (%s); training without it",
+                str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__,
             )
-        check_loss.backward()
+        soft.grad = None
+    t0 = time.perf_counter()
+    check_step()
     step_seconds = (time.perf_counter() - t0) * grad_accum
     soft.grad = None
     eval_seconds = (
@@ -440,6 +472,7 @@ def _train(
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t_start
+    uncompile(compiled)  # the report's generation varies its shapes: plain PyTorch suits it
 
     # --- results
     val_after = validate(step) if len(val_blocks) else None
@@ -613,6 +646,54 @@ def mtj_resume_step(cfg: TrainConfig, init_sp: SoftPrompt | None) -> int:
             "drop --resume to use it as a warm start"
         )
     return max(0, int(init_sp.meta["step"]))
+
+
+AUTO_BATCH_MAX = 64  # where --batch-size auto starts searching on a GPU
+
+
+def auto_batch_size(
+    lm: LoadedModel, n_tokens: int, blocks: np.ndarray, checkpointing: bool, ranks
+) -> int:
+    """``--batch-size auto``: on a GPU, the largest batch whose forward and backward pass fit
+    in memory, found by trying (accelerate's ``find_executable_batch_size``, halving from
+    64 or the number of blocks); the smallest over the ranks. On a CPU, where memory is
+    rarely the limit and throughput stops growing early, a measured default."""
+    from .config import CPU_AUTO_BATCH
+
+    if lm.device.type != "cuda":
+        chosen = CPU_AUTO_BATCH
+    else:
+        from accelerate.utils import find_executable_batch_size
+
+        start = 1 << (min(AUTO_BATCH_MAX, len(blocks)).bit_length() - 1)
+        size = {"now": start}
+
+        def halve() -> int:
+            size["now"] //= 2
+            return size["now"]
+
+        @find_executable_batch_size(starting_batch_size=start, reduce_batch_size_fn=halve)
+        def attempt(batch_size: int) -> int:
+            if batch_size < 1:
+                raise RunError(
+                    f"--batch-size auto: not even one block of {blocks.shape[1]} tokens fits in "
+                    f"the memory of {lm.device}: lower --block-size, or shard the model"
+                )
+            soft = torch.zeros(n_tokens, lm.embed_dim, device=lm.device, requires_grad=True)
+            batch = torch.from_numpy(np.ascontiguousarray(blocks[:batch_size])).to(lm.device)
+            with activation_checkpointing(lm.model, checkpointing):
+                block_loss(lm.model, soft, batch).backward()
+            return batch_size
+
+        chosen = attempt()
+        torch.cuda.empty_cache()
+    chosen = int(distributed.min_across(ranks, chosen, lm.device))
+    log.info(
+        "--batch-size auto: %d (%s)",
+        chosen,
+        "the largest that fits" if lm.device.type == "cuda" else "the CPU default",
+    )
+    return chosen
 
 
 def fit_global_batch(

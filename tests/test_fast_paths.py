@@ -91,3 +91,40 @@ def test_prompted_model_wrapper_gives_the_same_loss_and_gradient(tiny_models, ar
         results.append((loss.detach(), grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+
+
+def _train_cli(tiny_models, corpus, out, *extra, env=None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "softprompt", "train", "--dataset", str(corpus), "--output",
+         str(out), "--model", str(tiny_models["llama"]), "--device", "cpu", "--dtype",
+         "float32", "--block-size", "32", "--batch-size", "2", "--max-steps", "3",
+         "--eval-every", "0", "--no-progress", "--no-report", *extra],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def test_compile_trains_the_same_soft_prompt_and_falls_back_when_compiling_fails(
+    tiny_models, corpus, tmp_path
+):
+    """--compile gives the plain run's soft prompt; on a machine where torch.compile cannot
+    build its kernels (here: no working C++ compiler) the run goes on uncompiled, with a note."""
+    from softprompt.formats import native
+
+    plain = _train_cli(tiny_models, corpus, tmp_path / "plain")
+    compiled = _train_cli(tiny_models, corpus, tmp_path / "compiled", "--compile")
+    broken = _train_cli(
+        tiny_models, corpus, tmp_path / "broken", "--compile",
+        env={"CXX": "/bin/false", "CC": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")},
+    )  # fmt: skip
+    for r in (plain, compiled, broken):
+        assert r.returncode == 0, r.stderr
+    assert "compiled the model's layers in" in compiled.stderr
+    assert "--compile failed" in broken.stderr and "training without it" in broken.stderr
+    ref = native.load(tmp_path / "plain" / "softprompt.safetensors").tensor
+    for name in ("compiled", "broken"):
+        got = native.load(tmp_path / name / "softprompt.safetensors").tensor
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
