@@ -29,10 +29,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
+# The UI tests drive Debian's chromium with Playwright (never a downloaded browser):
+# installed here when missing and we are root; tests/test_ui.py fails with the fix otherwise.
+CHROMIUM := command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	{ [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; } || true
+
 test: $(DEV_STAMP)
+	@$(CHROMIUM)
 	$(PY) -m pytest -q
 
 test-fast: $(DEV_STAMP)
+	@$(CHROMIUM)
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(DEV_STAMP)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import FIELDS, PER_INVOCATION, TrainConfig, flag, read_toml
+from .config import DEVICE_MAPS, FIELDS, PER_INVOCATION, TrainConfig, flag, read_toml
 from .errors import ConfigError, SoftPromptError
 
 log = logging.getLogger("softprompt")
@@ -26,7 +27,18 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
 
 
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a number or auto") from None
+
+
 def _field_type(name: str):
+    if name == "batch_size":
+        return _batch_size
     kind = str(FIELDS[name].type)
     if "bool" in kind:
         return bool
@@ -47,7 +59,7 @@ METAVARS = {
     "tokens": "N",
     "max_steps": "N",
     "epochs": "X",
-    "batch_size": "N",
+    "batch_size": "N|auto",
     "grad_accum": "N",
     "block_size": "N",
     "eval_every": "N",
@@ -117,6 +129,33 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         choices=("auto", "float32", "bfloat16", "float16"),
         help="model dtype (default: auto)",
+    )
+    p.add_argument(
+        "--device-map",
+        choices=DEVICE_MAPS,
+        help="spread the model over this machine's GPUs (accelerate)",
+    )
+    quant = p.add_mutually_exclusive_group()
+    for bits in ("8bit", "4bit"):
+        quant.add_argument(
+            f"--load-in-{bits}",
+            dest="quantize",
+            action="store_const",
+            const=bits,
+            help=f"load the model in {bits[0]} bits with bitsandbytes (CUDA)",
+        )
+
+
+def load_model_from_args(args: argparse.Namespace):
+    """The model named by --model with the options of ``add_device_options``."""
+    from .model import load_model
+
+    return load_model(
+        args.model,
+        args.device,
+        args.dtype,
+        device_map=args.device_map,
+        quantize=args.quantize,
     )
 
 
@@ -270,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_options(p)
     p.set_defaults(func=cmd_eval)
     add_format_commands(sub)
+    add_ui_command(sub)
+    add_serve_command(sub)
     return parser
 
 
@@ -323,7 +364,6 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import check_options, stream
-    from .model import load_model
     from .soft_prompt import SoftPrompt
 
     check_options(
@@ -343,7 +383,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
     sp = SoftPrompt.load(args.softprompt) if args.softprompt else None
-    lm = load_model(args.model, args.device, args.dtype)
+    lm = load_model_from_args(args)
     options = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -377,12 +417,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from .evaluate import check_options, evaluate
-    from .model import load_model
     from .soft_prompt import SoftPrompt
 
     check_options(args.block_size, args.max_blocks, args.val_fraction, args.batch_size)
     sp = SoftPrompt.load(args.softprompt)
-    lm = load_model(args.model, args.device, args.dtype)
+    lm = load_model_from_args(args)
     result = evaluate(
         lm,
         sp,
@@ -495,6 +534,134 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         lm = load_model(None if args.model == "default" else args.model, args.device, "float32")
     info = describe(args.file, lm, args.top_k)
     print(json.dumps(info, indent=2, ensure_ascii=False) if args.json else format_text(info))
+    return 0
+
+
+def add_ui_command(sub) -> None:
+    """The `ui` subcommand: a local web page to train and try soft prompts (softprompt.ui)."""
+    p = sub.add_parser(
+        "ui",
+        help="open a local web page to train soft prompts and try them",
+        description="Serve a page on this machine to pick a dataset and model, set the training "
+        "options, start and stop runs, watch the loss, and try and download the result. Runs are "
+        "separate processes: they keep going when the page or this command is closed.",
+    )
+    p.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="workspace for uploads and runs (default: $SOFTPROMPT_UI_DIR, else "
+        "~/.local/share/softprompt/ui)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument(
+        "--port", type=int, default=8765, help="port, 0 for any free one (default: 8765)"
+    )
+    p.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    p.set_defaults(func=cmd_ui)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from .ui import make_server
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError("--port must be between 0 and 65535")
+    server = make_server(args.workdir, args.host, args.port)
+    print(f"softprompt ui: {server.url} (workspace {server.workspace.root})", flush=True)
+    print("Ctrl-C stops the page; training runs keep going.", flush=True)
+    if not args.no_browser:
+        import webbrowser
+
+        webbrowser.open(server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def add_serve_command(sub) -> None:
+    """The `serve` subcommand: the KoboldAI API for KoboldAI clients (softprompt.serve)."""
+    p = sub.add_parser(
+        "serve",
+        help="serve the model and soft prompts to KoboldAI clients (KoboldAI Lite, SillyTavern)",
+        description="Serve the KoboldAI HTTP API (as KoboldAI United and KoboldCpp do, streaming "
+        "included) and an OpenAI-style /v1/completions, with the soft prompts of a folder chosen "
+        "per request or for the server. One generation runs at a time.",
+    )
+    p.add_argument(
+        "--model",
+        help="Hugging Face id, local folder or .gguf file (default: SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--softprompts",
+        metavar="DIR",
+        help="folder of soft prompt files (.zip, .safetensors, ...), offered by file name",
+    )
+    p.add_argument(
+        "--softprompt",
+        metavar="NAME",
+        help="file name in DIR to use when a request names none (without --softprompts: a path)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument(
+        "--port", type=int, default=5001, help="port, 0 for any free one (default: 5001)"
+    )
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=os.environ.get("SOFTPROMPT_API_KEY") or None,
+        help="require `Authorization: Bearer KEY` on every request (default: "
+        "$SOFTPROMPT_API_KEY; none)",
+    )
+    p.add_argument(
+        "--queue",
+        type=int,
+        default=4,
+        metavar="N",
+        help="requests that may wait for the running generation; more get 503 (default: 4)",
+    )
+    add_device_options(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import Server, resolve_softprompts
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError("--port must be between 0 and 65535")
+    if args.queue < 0:
+        raise ConfigError("--queue must be 0 or more")
+    resolve_softprompts(args.softprompts, args.softprompt)  # before the model loads
+    lm = load_model_from_args(args)
+    server = Server(
+        lm,
+        args.softprompts,
+        args.softprompt,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        queue_size=args.queue,
+    )
+    server.bind()
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning(
+            "note: serving on %s without --api-key: anyone who can reach it may use it", args.host
+        )
+    found = len(server.list_soft_prompts())
+    print(
+        f"softprompt serve: {server.url} ({lm.name}, {found} soft prompts, "
+        f"selected: {server.selected or 'none'}); KoboldAI API at {server.url}/api, "
+        f"OpenAI at {server.url}/v1",
+        flush=True,
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("softprompt serve: stopped", file=sys.stderr, flush=True)
+    finally:
+        server.close()
     return 0
 
 

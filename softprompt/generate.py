@@ -169,12 +169,18 @@ def stream_ids(
     repetition_penalty: float = 1.0,
     seed: int = 0,
     stop_at_eos: bool = True,
+    ban_eos: bool = False,
 ) -> Iterator[int]:
     """New token ids, one at a time, after the soft prompt ``soft`` (n, d) and ``prompt_ids``
-    (which must already fit the context). Stops at EOS (not yielded) or after max_new_tokens."""
+    (which must already fit the context). Stops at EOS (not yielded) or after max_new_tokens;
+    ``ban_eos`` never picks EOS, so it runs to max_new_tokens (KoboldAI's "ban EOS")."""
     check_options(max_new_tokens, temperature, top_p, top_k, typical, repetition_penalty)
     model, device = lm.model, lm.device
     procs = _processors(temperature, top_p, top_k, typical, repetition_penalty)
+    if ban_eos:
+        from transformers import SuppressTokensLogitsProcessor
+
+        procs.insert(0, SuppressTokensLogitsProcessor(sorted(eos_ids(lm)), device=device))
     stops = eos_ids(lm) if stop_at_eos else set()
     gen = torch.Generator(device=device).manual_seed(seed)
     n_prompt = len(prompt_ids)

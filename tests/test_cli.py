@@ -97,6 +97,8 @@ def test_resume_needs_only_the_output_folder(tiny_models, corpus, tmp_path, caps
         (["--init", "nonsense"], ["--init", "invalid choice"]),
         (["--optimizer", "sgd"], ["--optimizer", "invalid choice"]),
         (["--lr", "abc"], ["--lr", "invalid float"]),
+        (["--batch-size", "many"], ["--batch-size", "a number or auto"]),
+        (["--batch-size", "0"], ["--batch-size must be a whole number"]),
         (["--lr", "-1"], ["--lr must be more than 0"]),
         (["--init", "text"], ["--init text needs --init-text"]),
         (["--val-fraction", "1.5", "--warmup", "2"], ["--val-fraction", "--warmup"]),
@@ -155,6 +157,19 @@ def test_bad_input_is_one_line_and_leaves_nothing(
     assert_one_line_error(code, err, *needles)
     if base["--output"] == str(tmp_path / "out"):
         assert not (tmp_path / "out").exists()
+
+
+def test_batch_size_auto_is_resolved_printed_and_saved(tiny_models, corpus, tmp_path, capsys):
+    from softprompt.config import CPU_AUTO_BATCH, read_toml
+
+    (tmp_path / "run.toml").write_text('batch_size = "auto"\n')
+    args = [a for a in TINY if a not in ("--batch-size", "2")]
+    code, _, err = run(capsys, "train", "--config", tmp_path / "run.toml", "--dataset", corpus,
+                       "--output", tmp_path / "out", "--model", tiny_models["llama"],
+                       "--max-steps", 1, *args)  # fmt: skip
+    assert code == 0, err
+    assert f"--batch-size auto: {CPU_AUTO_BATCH} (the CPU default)" in err
+    assert read_toml(tmp_path / "out" / "config.toml")["batch_size"] == CPU_AUTO_BATCH
 
 
 def test_output_under_a_file_is_not_writable(tiny_models, corpus, tmp_path, capsys):

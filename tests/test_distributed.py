@@ -167,3 +167,36 @@ def test_four_bit_model_trains_on_cuda(capsys, tiny_models, corpus, tmp_path):
     code, _, err = run_cli(capsys, "train", "--output", tmp_path / "o", "--load-in-4bit", *args)
     assert code == 0, err
     assert soft(tmp_path / "o").shape == (4, 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine: pytest -m gpu)"
+)
+def test_batch_size_auto_on_cuda_picks_the_largest_that_fits(capsys, tiny_models, corpus, tmp_path):
+    from softprompt.config import read_toml
+
+    args = common(tiny_models, corpus)
+    args[args.index("--device") + 1] = "cuda"
+    code, _, err = run_cli(
+        capsys, "train", "--output", tmp_path / "o", "--batch-size", "auto", *args
+    )
+    assert code == 0, err
+    assert "--batch-size auto:" in err and "the largest that fits" in err
+    chosen = read_toml(tmp_path / "o" / "config.toml")["batch_size"]
+    assert chosen == 64  # a tiny model: the search's starting size fits at once
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2,
+    reason="needs 2 CUDA GPUs for nccl (run on a multi-GPU machine: pytest -m gpu)",
+)
+def test_two_gpu_ranks_on_nccl_equal_one_rank(tiny_models, reference, tmp_path):
+    corpus, one = reference
+    out = tmp_path / "two"
+    args = common(tiny_models, corpus)
+    args[args.index("--device") + 1] = "cuda"
+    r = torchrun("-m", "softprompt", "train", "--output", out, "--batch-size", 2, *args)
+    assert r.returncode == 0, r.stderr
+    torch.testing.assert_close(soft(out), soft(one), rtol=1e-3, atol=1e-4)

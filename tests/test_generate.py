@@ -213,6 +213,22 @@ def test_context_cutting(tiny_llama):
         generate(lm, "hi", soft, max_new_tokens=236)
 
 
+def test_ban_eos_never_picks_it_and_runs_to_the_limit(tiny_llama):
+    import copy
+    import dataclasses
+
+    ids = tiny_llama.tokenizer("It is a truth", add_special_tokens=False)["input_ids"]
+    empty = torch.zeros(0, tiny_llama.embed_dim)
+    first = next(stream_ids(tiny_llama, ids, empty, max_new_tokens=8, temperature=0))
+    tok = copy.deepcopy(tiny_llama.tokenizer)
+    tok.eos_token = tok.convert_ids_to_tokens(first)
+    lm = dataclasses.replace(tiny_llama, tokenizer=tok)  # greedy now ends at once
+    assert lm.eos_token_id == first
+    assert list(stream_ids(lm, ids, empty, max_new_tokens=8, temperature=0)) == []
+    banned = list(stream_ids(lm, ids, empty, max_new_tokens=8, temperature=0, ban_eos=True))
+    assert len(banned) == 8 and first not in banned
+
+
 def test_empty_prompt_starts_a_document(tiny_llama):
     out = generate(tiny_llama, "", None, max_new_tokens=5, temperature=0)
     assert isinstance(out, str)
