@@ -53,8 +53,11 @@ format: $(DEV_STAMP)
 # Benchmarks print figures; they assert nothing. bench/run.py compares with PEFT (a dev extra).
 bench: $(DEV_STAMP)
 	$(PY) bench/run.py
+	$(PY) bench/run.py --compile
 	$(PY) bench/generate_speed.py
 	$(PY) bench/tokenize_speed.py
+	$(PY) bench/batch_size.py
+	$(PY) bench/memory_table.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo-run

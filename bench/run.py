@@ -10,6 +10,7 @@ time, held-out loss after the same steps, and softprompt/PEFT ratios) and the fr
 machine's bf16/fp32 matmul peak (measured here with a large matmul) that each reached.
 
     .venv/bin/python bench/run.py [--steps 20] [--batch-size 4] [--block-size 256] [--dtype auto]
+                                  [--compile] [--no-checkpointing]
 """
 
 from __future__ import annotations
@@ -148,6 +149,8 @@ def run_softprompt(args) -> dict:
             eval_every=0,
             save_every=0,
             progress=False,
+            compile=args.compile,
+            checkpointing=args.checkpointing,
         )
         total_s = time.perf_counter() - t0
     train_s = r.metrics[-2]["elapsed_s"] if "elapsed_s" in r.metrics[-2] else r.seconds
@@ -236,6 +239,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.03)
     ap.add_argument("--seed", type=int, default=1729)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument(
+        "--compile", action="store_true", help="softprompt with --compile (PEFT's loop as is)"
+    )
+    ap.add_argument(
+        "--no-checkpointing", dest="checkpointing", action="store_false",
+        help="softprompt without activation checkpointing",
+    )  # fmt: skip
     ap.add_argument("--child", choices=("warm", "softprompt", "peft"))
     args = ap.parse_args()
     if args.child:
@@ -254,6 +264,8 @@ def main() -> None:
     print(
         f"job: SmolLM2-135M-Instruct, {args.tokens} soft tokens, batch {args.batch_size} x {args.block_size} "
         f"tokens, {args.steps} steps, AdamW lr {args.lr}, seed {args.seed}"
+        + (", softprompt with --compile (compile time not counted)" if args.compile else "")
+        + ("" if args.checkpointing else ", softprompt with --no-checkpointing")
     )
     warm = child("warm", args)
     sp = child("softprompt", args)

