@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -85,6 +86,8 @@ def process_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+        # free the group's C++ objects (and join gloo's threads) now, not at interpreter exit
+        gc.collect()
 
 
 def barrier(ranks: Ranks) -> None:

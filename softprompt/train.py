@@ -468,6 +468,7 @@ def _train(
             if stopping and step < total_steps:
                 if bar is not None:
                     bar.close()
+                distributed.barrier(ranks)  # leave together, once rank 0 has saved
                 raise Interrupted(
                     f"stopped at step {step} of {total_steps}; checkpoint saved in {out}; "
                     f"continue with: softprompt train --output {out} --resume"
@@ -525,6 +526,7 @@ def _train(
         result.files["report"] = write_report(
             out, result, lm, val_blocks[:0] if cfg.shard_model else val_blocks
         )
+    distributed.barrier(ranks)  # leave together, once rank 0 has written everything
     return result
 
 

@@ -5,6 +5,7 @@ usage: torchrun --standalone --nproc-per-node N tests/dist_worker.py '<json opti
 """
 
 import json
+import os
 import sys
 
 import softprompt
@@ -32,7 +33,8 @@ def main() -> int:
         t.StopFlag = Flag
     try:
         softprompt.train(**options)
-    except t.Interrupted:
+    except t.Interrupted as e:
+        print(f"rank {os.environ.get('RANK')}: {e}", file=sys.stderr, flush=True)
         return 130
     return 0
 

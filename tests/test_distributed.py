@@ -92,7 +92,9 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(tiny_models, reference, tmp_p
         "batch_size": 2,
     }  # fmt: skip
     r = torchrun(HERE / "dist_worker.py", json.dumps(options), 2)  # stops after step 2
-    assert r.returncode != 0 and "exitcode  : 130" in r.stderr, r.stderr
+    assert r.returncode != 0, r.stderr
+    for rank in (0, 1):  # every rank stopped after the same step
+        assert f"rank {rank}: stopped at step 2 of 4; checkpoint saved" in r.stderr, r.stderr
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert (state["step"], state["world_size"], state["samples_per_step"]) == (2, 2, 4)
     assert not (out / "softprompt.safetensors").exists()
