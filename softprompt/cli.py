@@ -651,7 +651,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     found = len(server.list_soft_prompts())
     print(
-        f"softprompt serve: {server.url} ({lm.name}, {found} soft prompts, "
+        f"softprompt serve: {server.url} ({lm.name}, {found} soft prompt{'' if found == 1 else 's'}, "
         f"selected: {server.selected or 'none'}); KoboldAI API at {server.url}/api, "
         f"OpenAI at {server.url}/v1",
         flush=True,
