@@ -37,6 +37,7 @@ from .model import (
     compile_layers,
     load_model,
     pick_device,
+    pick_dtype,
     uncompile,
 )
 from .soft_prompt import SoftPrompt, block_loss, init_tensor, read_init_text
@@ -140,10 +141,19 @@ def _train(
         )
 
     # --- model
+    # --shard-model: each rank loads the model into CPU memory and FSDP then moves only its
+    # shard to the rank's device, so the whole model never has to fit on one GPU
+    load_on = torch.device("cpu") if cfg.shard_model else device
     with distributed.main_first(ranks):  # rank 0 fills the converted-model cache first
         lm = model or load_model(
-            cfg.model, device, cfg.dtype, device_map=cfg.device_map, quantize=cfg.quantize
+            cfg.model,
+            load_on,
+            pick_dtype(cfg.dtype, device),
+            device_map=cfg.device_map,
+            quantize=cfg.quantize,
         )
+    if cfg.shard_model:
+        lm = dataclasses.replace(lm, device=device)
     if checkpoint is not None and not cfg.force and checkpoint["model"] != lm.source:
         raise RunError(
             f"--resume: the checkpoint in {out} was trained on {checkpoint['model']}, not {lm.source}; "
