@@ -87,20 +87,23 @@ def main() -> None:
     ids = lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     n_new = args.new_tokens
     input_ids = torch.tensor([ids], device=lm.device)
-    pad = lm.eos_token_id
+    # exactly n_new greedy tokens from Hugging Face generate (EOS does not stop it)
+    greedy = dict(
+        max_new_tokens=n_new,
+        min_new_tokens=n_new,
+        do_sample=False,
+        pad_token_id=lm.eos_token_id,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
 
     def hf_ids() -> int:
         with torch.inference_mode():
             out = lm.model.generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=n_new,
-                min_new_tokens=n_new,
-                do_sample=False,
-                pad_token_id=pad,
-                temperature=None,
-                top_p=None,
-                top_k=None,
+                **greedy,
             )
         return out.shape[1] - len(ids)
 
@@ -110,13 +113,7 @@ def main() -> None:
             out = lm.model.generate(
                 inputs_embeds=embeds,
                 attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=lm.device),
-                max_new_tokens=n_new,
-                min_new_tokens=n_new,
-                do_sample=False,
-                pad_token_id=pad,
-                temperature=None,
-                top_p=None,
-                top_k=None,
+                **greedy,
             )
         return out.shape[1]
 
@@ -147,13 +144,7 @@ def main() -> None:
                 out = peft_model.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
-                    max_new_tokens=n_new,
-                    min_new_tokens=n_new,
-                    do_sample=False,
-                    pad_token_id=pad,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
+                    **greedy,
                 )
             return out.shape[1] - len(ids)
 

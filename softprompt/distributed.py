@@ -174,8 +174,7 @@ def shard_model(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
             raise ConfigError(
                 f"--shard-model needs torch 2.4 or newer (this is {torch.__version__})"
             ) from None
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
+    from .model import decoder_layers
     from .soft_prompt import PromptedModel
 
     if not ranks.enabled:
@@ -183,7 +182,7 @@ def shard_model(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
             "--shard-model splits the model across processes: launch with "
             "torchrun --nproc-per-node N (N >= 2), or leave --shard-model out"
         )
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     if not layers:
         raise ConfigError(
             f"--shard-model: no decoder layers found in {type(model).__name__}; "

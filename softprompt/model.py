@@ -406,6 +406,16 @@ def save_gguf_cache(model: torch.nn.Module, tokenizer, folder: Path) -> None:
         log.warning("note: could not keep a converted copy of the model in %s (%s)", folder, e)
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers (transformers marks them ``GradientCheckpointingLayer``):
+    the units that checkpointing, compiling and sharding work on. Empty if none are known."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - transformers < 4.52
+        return []
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 @contextlib.contextmanager
 def activation_checkpointing(model: torch.nn.Module, enabled: bool = True):
     """Within the block, each decoder layer keeps only its inputs for the backward pass and
@@ -415,15 +425,7 @@ def activation_checkpointing(model: torch.nn.Module, enabled: bool = True):
     in models such as OPT. Measured on SmolLM2-135M (CPU, bf16, 4 x 256): peak memory
     1,760 -> 1,182 MB at the same speed. A model without recognisable decoder layers runs
     unchanged (the block yields False)."""
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # pragma: no cover - transformers < 4.52
-        GradientCheckpointingLayer = None
-    layers = (
-        [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-        if enabled and GradientCheckpointingLayer is not None
-        else []
-    )
+    layers = decoder_layers(model) if enabled else []
     if not layers:
         yield False
         return
@@ -454,9 +456,7 @@ def compile_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Compile each decoder layer in place (``Module.compile``: the module is unchanged, its
     calls go through torch.compile). The layers share their code, so the compiled graph is
     reused from layer to layer. Returns the layers, for ``uncompile``."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     for layer in layers:
         layer.compile()
     return layers

@@ -26,7 +26,7 @@ import torch
 
 from . import __version__, distributed
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from .config import DEFAULT_TOKENS, TrainConfig, read_toml, to_toml
+from .config import CPU_AUTO_BATCH, DEFAULT_TOKENS, TrainConfig, read_toml, to_toml
 from .data import make_blocks, read_dataset, split_blocks, token_stream, tokenize_dataset
 from .errors import ConfigError, DataError, RunError
 from .fileio import atomic_write, safe_filename, write_text
@@ -403,10 +403,15 @@ def _train(
             return None
         # each rank scores its share of the blocks; the sums are added up across ranks
         share = val_blocks[ranks.rank :: ranks.world]
-        n_batches = math.ceil(math.ceil(len(val_blocks) / ranks.world) / batch_size)
-        sums = loss_sums(net, soft.detach(), share, batch_size, lm.device, n_batches)
-        if not len(share):  # fewer blocks than ranks: this one only keeps the others company
-            loss_sums(net, soft.detach(), val_blocks[:1], batch_size, lm.device, n_batches)
+        # a sharded model runs only when every rank runs it: pad the shorter shares
+        n_batches = (
+            math.ceil(math.ceil(len(val_blocks) / ranks.world) / batch_size)
+            if cfg.shard_model
+            else 0
+        )
+        sums = loss_sums(
+            net, soft.detach(), share, batch_size, lm.device, n_batches, filler=val_blocks[:1]
+        )
         total, count = distributed.sum_across(ranks, list(sums), lm.device)
         loss = total / max(count, 1)
         metrics.write({"step": step, "val_loss": loss, "val_ppl": _ppl(loss)})
@@ -673,8 +678,6 @@ def auto_batch_size(
     in memory, found by trying (accelerate's ``find_executable_batch_size``, halving from
     64 or the number of blocks); the smallest over the ranks. On a CPU, where memory is
     rarely the limit and throughput stops growing early, a measured default."""
-    from .config import CPU_AUTO_BATCH
-
     if lm.device.type != "cuda":
         chosen = CPU_AUTO_BATCH
     else:
@@ -805,32 +808,26 @@ class BatchSampler:
         return self.blocks[idx].to(self.device, non_blocking=True)  # (B, T)
 
 
-def evaluate_blocks(
-    model, soft: torch.Tensor, blocks: np.ndarray, batch_size: int, device
-) -> float:
-    """Mean cross-entropy per token over ``blocks`` (N, T) with the soft prompt ``soft``."""
-    total, count = loss_sums(model, soft, blocks, batch_size, device)
-    return total / max(count, 1)
-
-
 @torch.no_grad()
 def loss_sums(
-    model, soft: torch.Tensor, blocks: np.ndarray, batch_size: int, device, n_batches: int = 0
+    model,
+    soft: torch.Tensor,
+    blocks: np.ndarray,
+    batch_size: int,
+    device,
+    n_batches: int = 0,
+    filler: np.ndarray | None = None,
 ) -> tuple[float, int]:
-    """Summed cross-entropy and token count over ``blocks`` (N, T). With ``n_batches`` the
-    model runs exactly that many times, repeating a block uncounted once ``blocks`` run out:
-    a model sharded across ranks needs every rank to run it equally often."""
+    """Summed cross-entropy and token count over ``blocks`` (N, T) with the soft prompt
+    ``soft``. With ``n_batches`` the model runs exactly that many times, on the ``filler``
+    blocks (uncounted) once ``blocks`` run out: a model sharded across ranks needs every
+    rank to run it equally often."""
     total, count = 0.0, 0
     for b in range(max(n_batches, math.ceil(len(blocks) / batch_size))):
         part = blocks[b * batch_size : (b + 1) * batch_size]
-        counted = len(part) > 0
-        if not counted:
-            if not len(blocks):
-                break
-            part = blocks[:1]
-        batch = torch.from_numpy(np.ascontiguousarray(part)).to(device)
-        losses = block_loss(model, soft, batch, reduction="none")
-        if counted:
+        batch = torch.from_numpy(np.ascontiguousarray(part if len(part) else filler))
+        losses = block_loss(model, soft, batch.to(device), reduction="none")
+        if len(part):
             total += losses.double().sum().item()
             count += losses.numel()
     return total, count

@@ -220,3 +220,25 @@ def assert_one_line_error(code, err, *needles):
     assert "Traceback" not in err
     for needle in needles:
         assert needle in errors[0], errors[0]
+
+
+def stop_after(setattr, stop_step: int) -> None:
+    """Make the next training run behave as if Ctrl-C (or the launcher's SIGTERM) arrived
+    during step ``stop_step``. ``setattr`` is ``monkeypatch.setattr``, or the builtin in a
+    process of its own (tests/dist_worker.py)."""
+    import importlib
+
+    t = importlib.import_module("softprompt.train")  # softprompt.train is the function
+    state = {"stop": False}
+    original = t.Metrics.write
+
+    def write(self, record):  # step N-1's record is written just before step N runs
+        original(self, record)
+        if record.get("step") == stop_step - 1 and "loss" in record:
+            state["stop"] = True
+
+    class Flag(t.StopFlag):
+        requested = property(lambda self: state["stop"], lambda self, v: None)
+
+    setattr(t.Metrics, "write", write)
+    setattr(t, "StopFlag", Flag)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import zipfile
@@ -10,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from conftest import ARCHS
+from conftest import ARCHS, stop_after
 
 from softprompt import SoftPrompt, load_model, train
 from softprompt.soft_prompt import block_loss, prepend
@@ -220,27 +219,6 @@ def test_adafactor_and_fractional_epochs(tiny_llama, repetitive_corpus, tmp_path
     assert result.val_loss_after < result.val_loss_before
 
 
-def stop_after(monkeypatch, stop_step: int) -> None:
-    """Make the next training run behave as if Ctrl-C arrived during step ``stop_step``."""
-    t = importlib.import_module(
-        "softprompt.train"
-    )  # the attribute softprompt.train is the function
-
-    state = {"stop": False}
-    original = t.Metrics.write
-
-    def write(self, record):  # step N-1's record is written just before step N runs
-        original(self, record)
-        if record.get("step") == stop_step - 1 and "loss" in record:
-            state["stop"] = True
-
-    class Flag(t.StopFlag):
-        requested = property(lambda self: state["stop"], lambda self, v: None)
-
-    monkeypatch.setattr(t.Metrics, "write", write)
-    monkeypatch.setattr(t, "StopFlag", Flag)
-
-
 def test_interrupt_saves_a_checkpoint_and_resume_is_bit_exact(
     tiny_llama, corpus, tmp_path, monkeypatch
 ):
@@ -260,7 +238,7 @@ def test_interrupt_saves_a_checkpoint_and_resume_is_bit_exact(
     )
     full = train(output=str(tmp_path / "full"), **common)
     with monkeypatch.context() as m:
-        stop_after(m, 3)
+        stop_after(m.setattr, 3)
         with pytest.raises(Interrupted, match="stopped at step 3 of 7.*--resume"):
             train(output=str(tmp_path / "part"), **common)
     assert not (tmp_path / "part" / "softprompt.safetensors").exists()
