@@ -627,13 +627,10 @@ def add_serve_command(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import Server, resolve_softprompts
+    from .serve import Server, check_listen_options, resolve_softprompts
 
-    if not 0 <= args.port <= 65535:
-        raise ConfigError("--port must be between 0 and 65535")
-    if args.queue < 0:
-        raise ConfigError("--queue must be 0 or more")
-    resolve_softprompts(args.softprompts, args.softprompt)  # before the model loads
+    check_listen_options(args.port, args.queue)  # before the model loads
+    resolve_softprompts(args.softprompts, args.softprompt)
     lm = load_model_from_args(args)
     server = Server(
         lm,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -228,10 +229,6 @@ class _Fields:
     def bad(self, key: str, msg: str) -> None:
         self.problems.setdefault(key, []).append(msg)
 
-    def _get(self, key: str):
-        value = self.body.get(key)
-        return value
-
     def _range(self, key, value, lo, hi, lo_open=False) -> bool:
         low_bad = lo is not None and (value <= lo if lo_open else value < lo)
         high_bad = hi is not None and value > hi
@@ -246,41 +243,38 @@ class _Fields:
             self.bad(key, f"Must be less than or equal to {hi}.")
         return False
 
-    def integer(self, key: str, default, lo=None, hi=None):
-        value = self._get(key)
+    def _numeric(self, key, default, lo, hi, lo_open, integral: bool):
+        value = self.body.get(key)
         if value is None:
             return default
         if isinstance(value, str):
             try:
-                value = int(value.strip())
+                value = (int if integral else float)(value.strip())
             except ValueError:
                 pass
-        if isinstance(value, float) and value.is_integer():
+        if integral and isinstance(value, float) and value.is_integer():
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.bad(key, "Not a valid integer.")
+        kinds = int if integral else (int, float)
+        # NaN and the infinities fail the comparison
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, kinds)
+            or not -math.inf < value < math.inf
+        ):
+            self.bad(key, f"Not a valid {'integer' if integral else 'number'}.")
             return default
-        return value if self._range(key, value, lo, hi) else default
+        if not self._range(key, value, lo, hi, lo_open):
+            return default
+        return value if integral else float(value)
+
+    def integer(self, key: str, default, lo=None, hi=None):
+        return self._numeric(key, default, lo, hi, False, integral=True)
 
     def number(self, key: str, default, lo=None, hi=None, lo_open=False):
-        value = self._get(key)
-        if value is None:
-            return default
-        if isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            self.bad(key, "Not a valid number.")
-            return default
-        if value in (float("inf"), float("-inf")):
-            self.bad(key, "Not a valid number.")
-            return default
-        return float(value) if self._range(key, value, lo, hi, lo_open) else default
+        return self._numeric(key, default, lo, hi, lo_open, integral=False)
 
     def string(self, key: str, default: str | None = "", required: bool = False, max_len=None):
-        value = self._get(key)
+        value = self.body.get(key)
         if value is None:
             if required:
                 self.bad(key, "Missing data for required field.")
@@ -294,7 +288,7 @@ class _Fields:
         return value
 
     def boolean(self, key: str, default: bool) -> bool:
-        value = self._get(key)
+        value = self.body.get(key)
         if value is None:
             return default
         if not isinstance(value, bool):
@@ -303,7 +297,7 @@ class _Fields:
         return value
 
     def strings(self, key: str, allow_single: bool = False) -> list[str]:
-        value = self._get(key)
+        value = self.body.get(key)
         if value is None:
             return []
         if allow_single and isinstance(value, str):
@@ -320,7 +314,7 @@ class _Fields:
         return [s for s in value if s]
 
     def integers(self, key: str, lo: int, hi: int) -> list[int]:
-        value = self._get(key)
+        value = self.body.get(key)
         if value is None:
             return []
         if not isinstance(value, list) or not all(
@@ -385,7 +379,7 @@ def parse_kobold(body: dict, max_length_limit: int = MAX_LENGTH_LIMIT) -> GenReq
         stop=f.strings("stop_sequence"),
         ban_eos=f.boolean("use_default_badwordsids", False),
         soft_prompt=f.string("soft_prompt", None),
-        genkey=f.string("genkey", "", max_len=200) or "",
+        genkey=f.string("genkey", "", max_len=200),
     )
     f.number("tfs", 1.0, 0, 1)
     f.number("top_a", 0.0, 0)
@@ -407,7 +401,7 @@ def parse_openai(body: dict, max_length_limit: int = MAX_LENGTH_LIMIT) -> tuple[
         f.bad("prompt", "Missing data for required field.")
     elif not isinstance(prompt, str):
         f.bad("prompt", "Must be a string (or a list of one string).")
-    model = f.string("model", "") or ""
+    model = f.string("model", "")
     f.integer("n", 1, 1, 1)  # one completion per request
     rep = "repetition_penalty" if "repetition_penalty" in body else "rep_pen"
     req = GenRequest(
@@ -479,6 +473,13 @@ class _Job:
     soft_prompt: str = ""
 
 
+def _kobold_event(token: str, finish: str | None) -> str:
+    """One event of KoboldCpp's stream; ``finish_reason`` is the string "null" until the end.
+    ASCII-only JSON: U+2028 and friends would break the client's line regex."""
+    data = json.dumps({"token": token, "finish_reason": finish or "null"})
+    return f"event: message\ndata: {data}\n\n"
+
+
 Route = Callable[[BaseHTTPRequestHandler], None]
 
 
@@ -500,10 +501,7 @@ class Server:
         max_length_limit: int = MAX_LENGTH_LIMIT,
         max_body_bytes: int = MAX_BODY_BYTES,
     ):
-        if not 0 <= int(port) <= 65535:
-            raise ConfigError(f"--port {port} is not a port number: use 1 to 65535 (0: any free)")
-        if queue_size < 0:
-            raise ConfigError(f"--queue {queue_size}: use 0 or more")
+        check_listen_options(port, queue_size)
         if max_length_limit < 1:
             raise ConfigError("max_length_limit must be at least 1")
         self.lm = lm
@@ -817,7 +815,7 @@ class Server:
         job.soft_prompt = name
         with self.slot(req.genkey) as gen:
             if stream:
-                self._kobold_stream(h, job, gen)
+                self._stream(h, job, gen, _kobold_event)
                 return
             results = []
             for i in range(req.n):
@@ -860,30 +858,24 @@ class Server:
         h.streaming = True  # from here on, errors can only end the stream
         h.wfile.flush()
 
-    def _kobold_stream(self, h, job: _Job, gen: Generation) -> None:
+    def _stream(
+        self, h, job: _Job, gen: Generation, event: Callable[[str, str | None], str]
+    ) -> None:
+        """Send one continuation as an event stream: ``event(piece, None)`` for each piece,
+        then ``event("", finish_reason)``. A client that hangs up stops the generation."""
         self._start_stream(h)
         outcome = _Outcome()
-
-        def event(token: str, finish: str) -> None:
-            # ASCII-only JSON: U+2028 and friends would break the client's line regex
-            data = json.dumps({"token": token, "finish_reason": finish})
-            h.wfile.write(f"event: message\ndata: {data}\n\n".encode())
-            h.wfile.flush()
-
         pieces = self._collect(job, job.seed, outcome, gen)
         try:
             for piece in pieces:
-                event(piece, "null")
+                h.wfile.write(event(piece, None).encode())
+                h.wfile.flush()
+            h.wfile.write(event("", outcome.finish_reason).encode())
+            h.wfile.flush()
         except OSError:  # the client hung up: stop generating
             gen.cancel.set()
-            h.close_connection = True
-            return
         finally:
             pieces.close()
-        try:
-            event("", outcome.finish_reason)
-        except OSError:
-            h.close_connection = True
 
     # ------------------------------------------------------------------ OpenAI
 
@@ -921,25 +913,15 @@ class Server:
                 "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
             }
 
+        def event(text: str, finish: str | None) -> str:
+            done = "data: [DONE]\n\n" if finish else ""
+            return f"data: {json.dumps(chunk(text, finish))}\n\n{done}"
+
         with self.slot() as gen:
-            outcome = _Outcome()
             if body.get("stream") is True:
-                self._start_stream(h)
-                pieces = self._collect(job, job.seed, outcome, gen)
-                try:
-                    for piece in pieces:
-                        data = json.dumps(chunk(piece, None))
-                        h.wfile.write(f"data: {data}\n\n".encode())
-                        h.wfile.flush()
-                    pieces.close()
-                    data = json.dumps(chunk("", outcome.finish_reason))
-                    h.wfile.write(f"data: {data}\n\ndata: [DONE]\n\n".encode())
-                    h.wfile.flush()
-                except OSError:
-                    gen.cancel.set()
-                finally:
-                    pieces.close()
+                self._stream(h, job, gen, event)
                 return
+            outcome = _Outcome()
             text = "".join(self._collect(job, job.seed, outcome, gen))
         result = chunk(text, outcome.finish_reason)
         result["usage"] = {
@@ -1037,6 +1019,15 @@ def resolve_softprompts(folder: str | Path | None, name: str | None) -> tuple[Pa
             f"--softprompt {name}: give a file name in --softprompts {folder}, not a path"
         )
     return path.resolve(), name
+
+
+def check_listen_options(port: int, queue_size: int) -> None:
+    """ConfigError for a port or queue size that cannot be used (``softprompt serve`` checks
+    them before it loads the model)."""
+    if not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--port {port} is not a port number: use 1 to 65535 (0: any free)")
+    if queue_size < 0:
+        raise ConfigError(f"--queue {queue_size}: use 0 or more")
 
 
 class _HTTPServer(ThreadingHTTPServer):

@@ -40,9 +40,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from .config import FIELDS, TrainConfig, _coerce, flag, to_toml
+from . import __version__
+from .checkpoint import CHECKPOINT
+from .config import FIELDS, TrainConfig, _coerce, flag, read_toml, to_toml
 from .errors import ConfigError, SoftPromptError
-from .fileio import safe_filename, write_text
+from .fileio import atomic_write, safe_filename, write_text
+from .train import CONFIG_FILE, METRICS_FILE, SOFTPROMPT_FILE
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ GROUPS = ("data", "model", "soft prompt", "training", "run")
 
 STATUS_FILE = "job.json"
 LOG_FILE = "train.log"
-CONFIG_FILE = "run.toml"
+RUN_CONFIG = "run.toml"  # what the page asked for; train writes out/config.toml, resolved
 OUT = "out"
 MARK = "=== softprompt ui: "  # the line the server writes to the log before each start
 
@@ -229,10 +232,6 @@ class MetricsReader:
             return list(records)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return MetricsReader().read(path)
-
-
 def log_since_start(path: Path) -> list[str]:
     """The log lines written since the last start (re)started the run."""
     try:
@@ -339,7 +338,7 @@ class Workspace:
                 run_id = f"{base}-{i}"
             folder = self.runs / run_id
             folder.mkdir(parents=True)
-        write_text(folder / CONFIG_FILE, to_toml(values))
+        write_text(folder / RUN_CONFIG, to_toml(values))
         job = {
             "id": run_id,
             "name": name,
@@ -348,7 +347,7 @@ class Workspace:
             "starts": [],
         }
         _write_json(folder / STATUS_FILE, job)
-        self._launch(folder, ["--config", str(folder / CONFIG_FILE)])
+        self._launch(folder, ["--config", str(folder / RUN_CONFIG)])
         return self.status(run_id)
 
     def resume(self, run_id: str, max_steps: int | None = None) -> dict[str, Any]:
@@ -431,12 +430,12 @@ class Workspace:
         job = _read_json(folder / STATUS_FILE)
         out = folder / OUT
         running = self._alive(run_id, job)
-        records = self._metrics.read(out / "metrics.jsonl")
+        records = self._metrics.read(out / METRICS_FILE)
         lines = log_since_start(folder / LOG_FILE)
         errors = [line for line in lines if line.startswith(ERROR_PREFIXES)]
         message = errors[-1].split(": ", 2)[-1] if errors else None
-        finished = (out / "softprompt.safetensors").is_file()
-        checkpoint = (out / "checkpoint.pt").is_file()
+        finished = (out / SOFTPROMPT_FILE).is_file()
+        checkpoint = (out / CHECKPOINT).is_file()
         stopped_msg = message is not None and message.startswith("stopped at step")
         if running:
             status = "running"
@@ -485,7 +484,7 @@ class Workspace:
             info["metrics"] = records[since : since + MAX_METRICS]
             info["metrics_from"] = since
             info["metrics_count"] = len(records)
-            info["log"] = [x for x in lines[-LOG_TAIL:]]
+            info["log"] = lines[-LOG_TAIL:]
         return info
 
     def zip_path(self, run_id: str) -> Path:
@@ -523,8 +522,6 @@ class Workspace:
             ) from None
         folder = self.datasets / name
         folder.mkdir(parents=True, exist_ok=True)
-        from .fileio import atomic_write
-
         with atomic_write(folder / fname) as fh:
             fh.write(data)
         return {"name": name, "path": str(folder), "file": fname, "bytes": len(data)}
@@ -541,32 +538,20 @@ class Generator:
         self._key: tuple | None = None
         self._lm = None
 
-    def model(self, cfg: dict[str, Any]):
+    def model(self, cfg: TrainConfig):
         """The model a run trained with (its config.toml), loaded once and kept."""
-        import inspect
-
         from .model import load_model
 
-        kwargs: dict[str, Any] = {
-            "device": cfg.get("device", "auto"),
-            "dtype": cfg.get("dtype", "auto"),
-        }
-        quantize = (
-            "8bit" if cfg.get("load_in_8bit") else "4bit" if cfg.get("load_in_4bit") else None
-        )
-        accepted = inspect.signature(load_model).parameters
-        for key, value in (("device_map", cfg.get("device_map")), ("quantize", quantize)):
-            if value and key in accepted:
-                kwargs[key] = value
-        key = (cfg.get("model"), tuple(sorted(kwargs.items())))
+        key = (cfg.model, cfg.device, cfg.dtype, cfg.device_map, cfg.quantize)
         if self._key != key:
             self._lm = None  # free the old one first
-            self._lm = load_model(cfg.get("model"), **kwargs)
+            self._lm = load_model(
+                cfg.model, cfg.device, cfg.dtype, device_map=cfg.device_map, quantize=cfg.quantize
+            )
             self._key = key
         return self._lm
 
     def compare(self, run_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
-        from .config import read_toml
         from .generate import generate
         from .soft_prompt import SoftPrompt
 
@@ -592,8 +577,8 @@ class Generator:
         if opts["max_new_tokens"] > 1000:
             raise ConfigError("max new tokens: at most 1000 here")
         out = run_dir / OUT
-        cfg = read_toml(out / "config.toml")
-        sp = SoftPrompt.load(out / "softprompt.safetensors")
+        cfg = TrainConfig(**read_toml(out / CONFIG_FILE))
+        sp = SoftPrompt.load(out / SOFTPROMPT_FILE)
         with self._lock:
             lm = self.model(cfg)
             t0 = time.perf_counter()
@@ -797,8 +782,6 @@ class UIServer(ThreadingHTTPServer):
     def __init__(self, workspace: Workspace, host: str, port: int):
         self.workspace = workspace
         self.generator = Generator()
-        from . import __version__
-
         self.version = __version__
         self.allowed_hosts: set[str] | None = (
             None

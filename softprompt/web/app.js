@@ -111,7 +111,7 @@ function buildForm(options, groups) {
   host.textContent = "";
   const byName = Object.fromEntries(options.map((o) => [o.name, o]));
   // the dataset field is in the HTML (with the upload box); fill in its help from the server
-  if (byName.dataset) $("#opt-dataset").nextElementSibling.nextElementSibling.textContent =
+  if (byName.dataset) $("#dataset-help").textContent =
     byName.dataset.help + "; type a path, pick an uploaded one, or upload below";
 
   const basic = el("fieldset", { class: "group" }, el("legend", { text: "Model and training" }));
