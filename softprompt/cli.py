@@ -329,10 +329,19 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .distributed import from_env
+    from .train import Interrupted, train
 
     cfg = train_config(args)
-    result = train(cfg)
+    main_rank = from_env().main  # under torchrun only rank 0 reports: the others say nothing
+    try:
+        result = train(cfg)
+    except Interrupted:
+        if main_rank:
+            raise
+        return 130
+    if not main_rank:
+        return 0
     print(f"soft prompt: {result.files['kobold']}")
     if result.val_loss_before is not None:
         print(

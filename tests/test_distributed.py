@@ -76,6 +76,7 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(tiny_models, refere
     assert losses(out) == pytest.approx(losses(one), rel=1e-4)
     # only rank 0 speaks and writes: one summary line, the usual files
     assert r.stderr.count("dataset: ") == 1 and r.stderr.count("step 4/4") == 1, r.stderr
+    assert r.stdout.count("soft prompt: ") == 1, r.stdout
     assert "2 ranks x 2 x 1 blocks" in r.stderr
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
         p.name for p in one.iterdir() if not p.name.startswith(".")
