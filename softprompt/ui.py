@@ -85,6 +85,8 @@ def default_workdir() -> Path:
 
 
 def field_kind(name: str) -> str:
+    if name == "batch_size":
+        return "int or auto"  # a number, or auto (the page shows a text box)
     kind = str(FIELDS[name].type)
     for k in ("bool", "int", "float"):
         if k in kind:
@@ -136,6 +138,8 @@ def parse_options(raw: Any) -> dict[str, Any]:
             try:
                 if kind == "int":
                     value = int(text)
+                elif kind == "int or auto":
+                    value = text if text == "auto" else int(text)
                 elif kind == "float":
                     value = float(text)
                 elif kind == "bool":
@@ -143,7 +147,8 @@ def parse_options(raw: Any) -> dict[str, Any]:
                 else:
                     value = text if name != "description" else value
             except (ValueError, KeyError):
-                raise ConfigError(f"{flag(name)} must be a {kind}, got {text!r}") from None
+                kind_text = "a number or auto" if kind == "int or auto" else f"a {kind}"
+                raise ConfigError(f"{flag(name)} must be {kind_text}, got {text!r}") from None
         values[name] = _coerce(name, value, flag(name))
     cfg = TrainConfig(**values, output="-")
     cfg.validate()

@@ -23,6 +23,7 @@ import pytest
 
 from softprompt import ui
 from softprompt.config import FIELDS
+from softprompt.errors import ConfigError
 
 SHOTS = os.environ.get("SOFTPROMPT_UI_SHOTS")
 
@@ -182,6 +183,15 @@ def test_bad_options_are_refused_with_one_line_before_anything_starts(server):
     assert call(server, "GET", "/api/runs")[1]["runs"] == []
     assert call(server, "GET", "/api/runs/nope")[0] == 404
     assert call(server, "GET", "/api/runs/..%2F..%2Fetc")[0] == 404
+
+
+def test_batch_size_takes_a_number_or_auto_as_on_the_command_line():
+    assert ui.parse_options({"dataset": "d", "batch_size": "auto"})["batch_size"] == "auto"
+    assert ui.parse_options({"dataset": "d", "batch_size": "8"})["batch_size"] == 8
+    with pytest.raises(ConfigError, match="--batch-size must be a number or auto"):
+        ui.parse_options({"dataset": "d", "batch_size": "many"})
+    opt = next(o for o in ui.option_list() if o["name"] == "batch_size")
+    assert opt["kind"] == "int or auto"  # a text box on the page, not a number box
 
 
 def test_upload_sanitises_names_and_checks_text(server, monkeypatch):
