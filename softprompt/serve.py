@@ -254,6 +254,11 @@ class _Fields:
                 pass
         if integral and isinstance(value, float) and value.is_integer():
             value = int(value)
+        elif not integral and type(value) is int:
+            try:
+                value = float(value)
+            except OverflowError:  # an integer too large for a float: not a valid number
+                value = math.inf
         kinds = int if integral else (int, float)
         # NaN and the infinities fail the comparison
         if (

@@ -657,6 +657,9 @@ def test_out_of_range_values_get_422_naming_each_field(fresh):
     assert all(
         isinstance(v, list) and v and all(isinstance(m, str) for m in v) for v in detail.values()
     )
+    huge = call(fresh, "POST", "/api/v1/generate", {"prompt": "x", "temperature": 10**400})
+    assert huge.status == 422, huge.json()  # too large for a float: not a number, not a 500
+    assert huge.json()["detail"] == {"temperature": ["Not a valid number."]}
     too_long = call(fresh, "POST", "/api/v1/generate", {"prompt": "x", "max_length": 10**6})
     assert too_long.json() == {
         "detail": {
