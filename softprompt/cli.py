@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import DEVICE_MAPS, FIELDS, PER_INVOCATION, TrainConfig, flag, read_toml
+from .config import DEVICE_MAPS, DTYPES, FIELDS, PER_INVOCATION, TrainConfig, flag, read_toml
 from .errors import ConfigError, SoftPromptError
 
 log = logging.getLogger("softprompt")
@@ -127,7 +127,7 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=("auto", "float32", "bfloat16", "float16"),
+        choices=DTYPES,
         help="model dtype (default: auto)",
     )
     p.add_argument(
