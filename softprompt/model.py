@@ -452,20 +452,28 @@ def activation_checkpointing(model: torch.nn.Module, enabled: bool = True):
                 layer.forward = previous
 
 
-def compile_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+def compile_layers(model: torch.nn.Module) -> bool:
     """Compile each decoder layer in place (``Module.compile``: the module is unchanged, its
     calls go through torch.compile). The layers share their code, so the compiled graph is
-    reused from layer to layer. Returns the layers, for ``uncompile``."""
+    reused from layer to layer. Attention goes through ``attention.attention_forward``, whose
+    faster backward pass only runs compiled. False when the model has no recognisable layers."""
+    from .attention import use_fast_attention
+
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile()
-    return layers
+    if layers:
+        use_fast_attention(model)
+    return bool(layers)
 
 
-def uncompile(layers: list[torch.nn.Module]) -> None:
-    """Undo ``compile_layers``: calls go to the plain forward again."""
-    for layer in layers:
+def uncompile(model: torch.nn.Module) -> None:
+    """Undo ``compile_layers``: calls go to the plain forward and attention again."""
+    from .attention import restore_attention
+
+    for layer in decoder_layers(model):
         layer._compiled_call_impl = None
+    restore_attention(model)
 
 
 def contiguous_head_input(model: torch.nn.Module) -> None:

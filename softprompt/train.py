@@ -40,7 +40,7 @@ from .model import (
     pick_dtype,
     uncompile,
 )
-from .soft_prompt import SoftPrompt, block_loss, init_tensor, read_init_text
+from .soft_prompt import SoftPrompt, block_loss, fused_head, init_tensor, read_init_text
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,8 @@ def _train(
     # --- one forward/backward step before anything is written: it proves the setup works
     # and its time gives the estimate.
     check_batch = batches.batch(samples_seen + mine)
-    compiled = compile_layers(lm.model) if cfg.compile else []
+    fused_head(lm.model)  # its one-off check of the model runs before any layer is compiled
+    compiled = cfg.compile and compile_layers(lm.model)
 
     def check_step() -> None:
         with activation_checkpointing(net, cfg.checkpointing):  # as in training: same memory
@@ -314,7 +315,7 @@ def _train(
         except RunError:
             raise
         except Exception as e:  # torch.compile fails in many ways (no C compiler, an op...)
-            uncompile(compiled)
+            uncompile(lm.model)
             log.warning(
                 "note: --compile failed (%s); training without it",
                 str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__,
@@ -491,7 +492,8 @@ def _train(
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t_start
-    uncompile(compiled)  # the report's generation varies its shapes: plain PyTorch suits it
+    if compiled:
+        uncompile(lm.model)  # the report's generation varies its shapes: plain PyTorch suits it
 
     # --- results
     val_after = validate(step) if len(val_blocks) else None

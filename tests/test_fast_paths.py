@@ -1,6 +1,6 @@
-"""The fast paths give what the plain paths give: chunked cross-entropy against
-F.cross_entropy, the contiguous LM-head input against the model's own logits, bfloat16
-against float32."""
+"""The fast paths give what the plain paths give: chunked cross-entropy and the fused LM
+head + cross-entropy against F.cross_entropy, the contiguous LM-head input against the
+model's own logits, bfloat16 against float32."""
 
 from __future__ import annotations
 
@@ -32,8 +32,38 @@ def test_chunked_cross_entropy_matches_torch(dtype, tol, n, monkeypatch):
     torch.testing.assert_close(got_grad.float(), logits.grad.float(), rtol=tol, atol=tol)
 
 
-def test_block_loss_matches_the_plain_computation(tiny_models):
-    lm = load_model(str(tiny_models["gpt2"]), device="cpu", dtype="float32")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("n", [1, 127, 128, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_cross_entropy_matches_torch(dtype, tol, n, bias, monkeypatch):
+    monkeypatch.setattr(sp, "CE_CHUNK", 128)
+    torch.manual_seed(n)
+    hidden = torch.randn(n, 16).to(dtype).requires_grad_()
+    weight = (torch.randn(1000, 16) * 0.5).to(dtype)
+    b = torch.randn(1000).to(dtype) if bias else None
+    labels = torch.randint(0, 1000, (n,))
+    weights = torch.rand(n)  # a non-uniform upstream gradient
+    got = sp.head_cross_entropy(hidden, weight, b, labels)
+    (got * weights).sum().backward()
+    got_grad = hidden.grad.clone()
+    hidden.grad = None
+    logits = F.linear(hidden.float(), weight.float(), None if b is None else b.float())
+    want = F.cross_entropy(logits, labels, reduction="none")
+    (want * weights).sum().backward()
+    assert got.dtype == torch.float32 and got.shape == (n,)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert got_grad.dtype == dtype
+    torch.testing.assert_close(got_grad.float(), hidden.grad.float(), rtol=tol, atol=tol)
+    with torch.no_grad():  # without gradients: the same losses, no gradient work
+        torch.testing.assert_close(sp.head_cross_entropy(hidden, weight, b, labels), got)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gptj", "opt350", "llama", "gemma", "gpt_neox"])
+def test_block_loss_matches_the_plain_computation(tiny_models, arch):
+    """The fused head + loss (GPT-J's head has a bias, OPT-350m projects its last hidden
+    state) gives the loss and gradient of the model's own logits."""
+    lm = load_model(str(tiny_models[arch]), device="cpu", dtype="float32")
+    assert sp.fused_head(lm.model) is lm.model.get_output_embeddings()
     soft = torch.randn(4, lm.embed_dim, requires_grad=True)
     block = torch.randint(0, 300, (3, 10))
     got = sp.block_loss(lm.model, soft, block)
@@ -43,6 +73,20 @@ def test_block_loss_matches_the_plain_computation(tiny_models):
     (g_want,) = torch.autograd.grad(want, soft)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
+
+
+def test_logits_that_are_not_the_plain_head_use_the_models_own(tiny_models):
+    """A model whose logits are more than its head (here a hook doubles them, as soft-capping
+    or a logit scale would change them) is not given the fused head: the loss is that of
+    its own logits."""
+    lm = load_model(str(tiny_models["llama"]), device="cpu", dtype="float32")
+    lm.model.get_output_embeddings().register_forward_hook(lambda mod, args, out: out * 2)
+    assert sp.fused_head(lm.model) is None
+    soft = torch.randn(4, lm.embed_dim)
+    block = torch.randint(0, 300, (2, 10))
+    logits = lm.model(inputs_embeds=sp.prepend(lm.model, soft, block)).logits[:, 3:13]
+    want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), block.reshape(-1))
+    torch.testing.assert_close(sp.block_loss(lm.model, soft, block), want)
 
 
 def test_bfloat16_training_loss_tracks_float32(tiny_models):
