@@ -54,6 +54,7 @@ format: $(DEV_STAMP)
 bench: $(DEV_STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/run.py --compile
+	$(PY) bench/run.py --compile --checkpointing
 	$(PY) bench/generate_speed.py
 	$(PY) bench/tokenize_speed.py
 	$(PY) bench/batch_size.py

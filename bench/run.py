@@ -10,7 +10,8 @@ time, held-out loss after the same steps, and softprompt/PEFT ratios) and the fr
 machine's bf16/fp32 matmul peak (measured here with a large matmul) that each reached.
 
     .venv/bin/python bench/run.py [--steps 20] [--batch-size 4] [--block-size 256] [--dtype auto]
-                                  [--compile] [--no-checkpointing]
+                                  [--compile | --no-compile]
+                                  [--checkpointing | --no-checkpointing]
 """
 
 from __future__ import annotations
@@ -164,6 +165,8 @@ def run_softprompt(args) -> dict:
         "flops_per_token": flops_per_token(lm.model, args.tokens, args.block_size),
         "peak_rss_mb": peak_rss_mb(),
         "dtype": str(lm.dtype).removeprefix("torch."),
+        "checkpointing": r.config.checkpointing,
+        "compile": r.config.compile,
     }
 
 
@@ -239,13 +242,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.03)
     ap.add_argument("--seed", type=int, default=1729)
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument(
-        "--compile", action="store_true", help="softprompt with --compile (PEFT's loop as is)"
-    )
-    ap.add_argument(
-        "--no-checkpointing", dest="checkpointing", action="store_false",
-        help="softprompt without activation checkpointing",
-    )  # fmt: skip
+    for option, decides in (("compile", "the run's length"), ("checkpointing", "free memory")):
+        for value, flag in ((True, f"--{option}"), (False, f"--no-{option}")):
+            ap.add_argument(
+                flag, dest=option, action="store_const", const=value, default=None,
+                help=f"softprompt with {flag} (default: softprompt decides, from {decides})",
+            )  # fmt: skip
     ap.add_argument("--child", choices=("warm", "softprompt", "peft"))
     args = ap.parse_args()
     if args.child:
@@ -264,11 +266,15 @@ def main() -> None:
     print(
         f"job: SmolLM2-135M-Instruct, {args.tokens} soft tokens, batch {args.batch_size} x {args.block_size} "
         f"tokens, {args.steps} steps, AdamW lr {args.lr}, seed {args.seed}"
-        + (", softprompt with --compile (compile time not counted)" if args.compile else "")
-        + ("" if args.checkpointing else ", softprompt with --no-checkpointing")
     )
     warm = child("warm", args)
     sp = child("softprompt", args)
+    print(
+        f"softprompt: --compile {'on (compile time not counted)' if sp['compile'] else 'off'}"
+        + (" (decided from the run's length)" if args.compile is None else "")
+        + f", activation checkpointing {'on' if sp['checkpointing'] else 'off'}"
+        + (" (decided from free memory)" if args.checkpointing is None else "")
+    )
     pf = child("peft", args)
     peak = matmul_peak(sp["dtype"])
     rows = [

@@ -88,6 +88,17 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                     default=argparse.SUPPRESS,
                     help="do not show a progress bar",
                 )
+            elif f.default is None:  # unset: the run decides; either flag overrides it
+                opposite = f"the opposite of --{name.replace('_', '-')}"
+                for value, prefix, text in ((True, "", help_text), (False, "no-", opposite)):
+                    group.add_argument(
+                        f"--{prefix}{name.replace('_', '-')}",
+                        dest=name,
+                        action="store_const",
+                        const=value,
+                        default=argparse.SUPPRESS,
+                        help=text,
+                    )
             elif f.default is True:
                 group.add_argument(
                     f"--no-{name.replace('_', '-')}",

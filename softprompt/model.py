@@ -452,6 +452,42 @@ def activation_checkpointing(model: torch.nn.Module, enabled: bool = True):
                 layer.forward = previous
 
 
+def activation_bytes(model: torch.nn.Module, positions: int) -> int:
+    """About what the decoder layers keep for the backward pass without activation
+    checkpointing, for ``positions`` (batch x sequence): per layer and position, 7 x hidden
+    + 3 x MLP width values in the model's dtype. On SmolLM2-135M (bf16) that says 17.3 kB
+    per layer and position where 12.4 kB (compiled) to 12.7 kB (eager) was measured: an
+    estimate that errs on the safe side."""
+    config = getattr(model, "config", None)
+    hidden = model.get_input_embeddings().embedding_dim
+    width = next(
+        (v for k in ("intermediate_size", "n_inner", "ffn_dim") if (v := getattr(config, k, None))),
+        4 * hidden,
+    )
+    size = next(model.parameters()).element_size()
+    return len(decoder_layers(model)) * positions * (7 * hidden + 3 * width) * size
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` now (a GPU's free memory, the system's available memory for
+    the CPU); None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def compile_layers(model: torch.nn.Module) -> bool:
     """Compile each decoder layer in place (``Module.compile``: the module is unchanged, its
     calls go through torch.compile). The layers share their code, so the compiled graph is

@@ -88,6 +88,8 @@ def field_kind(name: str) -> str:
     if name == "batch_size":
         return "int or auto"  # a number, or auto (the page shows a text box)
     kind = str(FIELDS[name].type)
+    if "bool" in kind and FIELDS[name].default is None:
+        return "bool or auto"  # unset: the run decides (the page shows auto / on / off)
     for k in ("bool", "int", "float"):
         if k in kind:
             return k
@@ -100,7 +102,9 @@ def option_list() -> list[dict[str, Any]]:
     for name, f in FIELDS.items():
         if name in HIDDEN:
             continue
-        choices = f.metadata.get("choices")
+        choices = f.metadata.get("choices") or (
+            ("on", "off") if field_kind(name) == "bool or auto" else None
+        )
         # an option that is on by default shows as its --no- flag, as on the command line
         invert = field_kind(name) == "bool" and f.default is True
         out.append(
@@ -142,12 +146,14 @@ def parse_options(raw: Any) -> dict[str, Any]:
                     value = text if text == "auto" else int(text)
                 elif kind == "float":
                     value = float(text)
-                elif kind == "bool":
-                    value = {"true": True, "false": False}[text.lower()]
+                elif kind in ("bool", "bool or auto"):
+                    value = {"true": True, "false": False, "on": True, "off": False}[text.lower()]
                 else:
                     value = text if name != "description" else value
             except (ValueError, KeyError):
-                kind_text = "a number or auto" if kind == "int or auto" else f"a {kind}"
+                kind_text = {"int or auto": "a number or auto", "bool or auto": "on or off"}.get(
+                    kind, f"a {kind}"
+                )
                 raise ConfigError(f"{flag(name)} must be {kind_text}, got {text!r}") from None
         values[name] = _coerce(name, value, flag(name))
     cfg = TrainConfig(**values, output="-")

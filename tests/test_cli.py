@@ -273,3 +273,81 @@ def test_entry_point_prints_no_traceback(tmp_path):
         timeout=120,
     )
     assert "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize(
+    "flag, free, expected",
+    [
+        ((), 64 * 2**30, False),  # unset, plenty of memory: keep the activations
+        ((), 2**20, True),  # unset, the activations would crowd the memory: recompute
+        ((), None, True),  # unset, free memory unknown: recompute, to be safe
+        (("--checkpointing",), 64 * 2**30, True),
+        (("--no-checkpointing",), 2**20, False),
+    ],
+)
+def test_checkpointing_is_decided_from_free_memory_unless_given(
+    tiny_models, corpus, tmp_path, capsys, monkeypatch, flag, free, expected
+):
+    import importlib
+
+    from softprompt.config import read_toml
+
+    train_module = importlib.import_module("softprompt.train")
+    monkeypatch.setattr(train_module, "free_memory", lambda device: free)
+    code, _, err = run(capsys, "train", "--dataset", corpus, "--output", tmp_path / "out",
+                       "--model", tiny_models["llama"], "--max-steps", 1, *TINY, *flag)  # fmt: skip
+    assert code == 0, err
+    assert read_toml(tmp_path / "out" / "config.toml")["checkpointing"] is expected
+    decided = f"activation checkpointing {'on' if expected else 'off'}:"
+    assert (decided in err) is (not flag)
+
+
+def test_activation_estimate_errs_on_the_safe_side_of_a_measurement(tiny_models):
+    """The estimate is at least what a training step really keeps for the backward pass
+    (counted with saved-tensor hooks) and not wildly more."""
+    import torch
+
+    from softprompt import load_model
+    from softprompt.model import activation_bytes
+    from softprompt.soft_prompt import block_loss
+
+    lm = load_model(str(tiny_models["llama"]), device="cpu", dtype="float32")
+    soft = torch.zeros(4, lm.embed_dim, requires_grad=True)
+    block = torch.randint(0, 300, (2, 60))
+    weights = {p.untyped_storage().data_ptr() for p in lm.model.parameters()}
+    seen = {}
+
+    def pack(t):  # the frozen weights a matmul keeps for its backward pass are not activations
+        if t.untyped_storage().data_ptr() not in weights:
+            seen[(t.untyped_storage().data_ptr(), t.shape, t.stride())] = t.nbytes
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block_loss(lm.model, soft, block)
+    kept = sum(seen.values())
+    estimate = activation_bytes(lm.model, 2 * (4 + 59))
+    assert kept <= estimate <= 4 * kept
+
+
+@pytest.mark.parametrize("after_s, expected", [(3600, False), (0, True)])
+def test_compile_is_decided_from_the_runs_length_unless_given(
+    tiny_models, corpus, tmp_path, capsys, monkeypatch, after_s, expected
+):
+    """Unset, --compile is on when the steps would take longer than COMPILE_AFTER_S
+    uncompiled (a tiny run never does; a threshold of 0 s stands in for a long run)."""
+    import importlib
+
+    import torch
+
+    from softprompt.config import read_toml
+
+    train_module = importlib.import_module("softprompt.train")
+    monkeypatch.setattr(train_module, "COMPILE_AFTER_S", after_s)
+    # a compiled run sets torch._dynamo's suppress_errors for the process: restored after
+    with torch._dynamo.config.patch(suppress_errors=False):
+        code, _, err = run(capsys, "train", "--dataset", corpus, "--output", tmp_path / "out",
+                           "--model", tiny_models["llama"], "--max-steps", 2, *TINY)  # fmt: skip
+    assert code == 0, err
+    assert f"--compile {'on' if expected else 'off'}: the training steps take about" in err
+    assert ("compiled the model's layers in" in err) is expected
+    assert read_toml(tmp_path / "out" / "config.toml")["compile"] is expected

@@ -194,6 +194,20 @@ def test_batch_size_takes_a_number_or_auto_as_on_the_command_line():
     assert opt["kind"] == "int or auto"  # a text box on the page, not a number box
 
 
+@pytest.mark.parametrize("name", ["compile", "checkpointing"])
+def test_options_the_run_decides_are_auto_on_or_off(name):
+    """--compile and --checkpointing left unset are decided by the run: the page offers
+    auto (nothing sent), on or off, as the command line has no flag, --X or --no-X."""
+    opt = next(o for o in ui.option_list() if o["name"] == name)
+    assert opt["kind"] == "bool or auto" and opt["choices"] == ["on", "off"]
+    assert opt["default"] is None
+    assert ui.parse_options({"dataset": "d", name: "on"})[name] is True
+    assert ui.parse_options({"dataset": "d", name: "off"})[name] is False
+    assert name not in ui.parse_options({"dataset": "d", name: ""})
+    with pytest.raises(ConfigError, match=f"--{name} must be on or off"):
+        ui.parse_options({"dataset": "d", name: "maybe"})
+
+
 def test_upload_sanitises_names_and_checks_text(server, monkeypatch):
     status, data = call(
         server, "POST", "/api/upload?dataset=../my+texts&filename=../../evil.txt", raw=b"hello"

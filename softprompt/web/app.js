@@ -272,7 +272,9 @@ function renderDetail(d) {
   for (const [k, v] of Object.entries(d.options || {})) {
     if (["dataset", "model", "name"].includes(k)) continue;
     const o = byName[k];
-    const text = o && o.kind === "bool" ? o.flag : `${o ? o.flag : "--" + k} ${v}`;
+    let text = `${o ? o.flag : "--" + k} ${v}`;
+    if (o && o.kind === "bool") text = o.flag;
+    if (o && o.kind === "bool or auto") text = v ? o.flag : o.flag.replace(/^--/, "--no-");
     meta.append(el("code", { text }));
   }
 
