@@ -1,7 +1,8 @@
 """Estimate the GPU memory a soft prompt training run needs, per device, for the setups in
 the README's Scaling section, and print them as a Markdown table.
 
-The estimate (activation checkpointing on, the default; batch b per device, sequence T =
+The estimate (activation checkpointing on, as softprompt decides when activations would
+crowd the device's memory, or with --checkpointing; batch b per device, sequence T =
 block + soft tokens, hidden size d, MLP width f, L layers, vocabulary V):
 
   weights      linear-layer parameters x bytes per weight (2 for bf16, 1 for 8-bit,
@@ -11,8 +12,11 @@ block + soft tokens, hidden size d, MLP width f, L layers, vocabulary V):
                running, one prefetched).
   activations  each layer's input, kept for the backward pass: L x b x T x d x 2 bytes, plus
                the working set of the one layer being recomputed: b x T x (6d + 3f) x 2.
-  logits       the bf16 logits and their gradient: 2 x b x T x V x 2 bytes (the float32
-               cross-entropy runs 128 rows at a time, so it adds little).
+  logits       the LM head and the loss run 128 rows at a time (softprompt's fused head and
+               cross-entropy), in a bf16 and a float32 buffer: 128 x V x (2 + 4) bytes; the
+               full logits never exist. A head sharded by --shard-model or placed by
+               --device-map runs as the model's own: bf16 logits and their gradient,
+               2 x b x T x V x 2 bytes.
   fixed        1 GiB for the CUDA context and allocator slack. The soft prompt, its gradient
                and AdamW state (4 x n x d x 4 bytes) are a few MB and left out.
 
@@ -55,13 +59,16 @@ MODELS = {
 BYTES = {"bf16": 2.0, "8bit": 1.0, "4bit": 0.5 + 1 / 64}
 
 
-def estimate(m: Shape, weights: str, seq: int, batch: int, shards: int = 1) -> dict:
+def estimate(
+    m: Shape, weights: str, seq: int, batch: int, shards: int = 1, fused_head: bool = True
+) -> dict:
     w = m.linear_params * BYTES[weights] + m.embed_params * 2
     if shards > 1:
         layer = m.linear_params / m.layers * BYTES[weights]
         w = w / shards + 2 * layer
     act = m.layers * batch * seq * m.d * 2 + batch * seq * (6 * m.d + 3 * m.f) * 2
-    logits = 2 * batch * seq * m.vocab * 2
+    fused_head = fused_head and shards == 1
+    logits = 128 * m.vocab * (2 + 4) if fused_head else 2 * batch * seq * m.vocab * 2
     total = w + act + logits + GiB
     return {
         "weights": w / GiB,
@@ -99,7 +106,7 @@ def main() -> None:
         m = MODELS[name]
         seq = min(a.seq, 512) if label.startswith("CPU") else a.seq
         if shards == 0:  # --device-map over 8 GPUs: the layers split 8 ways, one pipeline
-            e = estimate(m, weights, seq, a.batch)
+            e = estimate(m, weights, seq, a.batch, fused_head=False)
             per = {k: v / 8 for k, v in e.items() if k in ("weights", "activations")}
             e = {**e, **per, "total": per["weights"] + per["activations"] + e["logits"] + 1}
         else:

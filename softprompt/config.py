@@ -137,8 +137,8 @@ class TrainConfig:
         None,
         "compile the decoder layers with torch.compile: about 1.35x faster steps on CPU after "
         "20 s of compiling (4 s once cached); falls back to plain PyTorch if compiling fails "
-        "(default: on when the training steps would take more than 2 minutes uncompiled, "
-        "on one device)",
+        "(default: on a CPU, on when the training steps would take more than 2 minutes "
+        "uncompiled; on a GPU, off)",
     )
     eval_every: int = _opt(50, "steps between validation runs (0: only at start and end)")
     save_every: int = _opt(50, "steps between checkpoints (0: only at the end)")

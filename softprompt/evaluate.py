@@ -19,7 +19,7 @@ import torch
 from .data import make_blocks, read_dataset, split_blocks, token_stream, tokenize_dataset
 from .errors import ConfigError, DataError
 from .model import LoadedModel
-from .soft_prompt import SoftPrompt, block_logits, cross_entropy, embed_ids
+from .soft_prompt import SoftPrompt, block_loss, embed_ids
 
 DEFAULT_SEED = 1729  # the training default: the same file order, hence the same blocks
 DEFAULT_MAX_BLOCKS = 64
@@ -101,9 +101,8 @@ def score_blocks(
     for i in range(0, len(blocks), batch_size):
         batch = blocks[i : i + batch_size].to(device)  # (B, T)
         T = batch.shape[1]
-        logits = block_logits(model, prefix, batch)[:, -(T - 1) :]  # (B, T - 1, V)
-        nll = cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).sum()
-        total += nll.double().item()
+        losses = block_loss(model, prefix, batch, reduction="none").view(len(batch), -1)
+        total += losses[:, -(T - 1) :].double().sum().item()  # tokens 1..T-1
         count += batch[:, 1:].numel()
     return total, count
 

@@ -239,16 +239,17 @@ def block_loss(
 def fused_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The model's LM head when ``head_cross_entropy`` may stand in for the model's own
     logits: a plain ``nn.Linear`` with ordinary weights (not quantized, not sharded, not
-    placed by a device map), and logits that are exactly that head applied to the base
-    model's last hidden state (no final soft-capping or scaling). The numerical check runs
-    once per model, on eight tokens, and its answer is kept on the model."""
+    spread over devices by a device map), and logits that are exactly that head applied to
+    the base model's last hidden state (no final soft-capping or scaling). The numerical
+    check runs once per model, on eight tokens, and its answer is kept on the model."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     base = getattr(model, "base_model", model)
     if (
         type(head) is not torch.nn.Linear
         or base is model
-        or getattr(model, "hf_device_map", None)
+        or len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1
         or hasattr(head, "_hf_hook")
+        or head.weight.device.type == "meta"
         or type(head.weight.data) is not torch.Tensor  # a DTensor when sharded
     ):
         return None

@@ -309,13 +309,18 @@ def _train(
                 )
             check_loss.backward()
 
-    want_compile = cfg.compile
-    if want_compile is None:  # unset: compile when the run is long enough to repay it
+    def timed_step() -> float:
         t0 = time.perf_counter()
         check_step()
         soft.grad = None
-        plain = (time.perf_counter() - t0) * grad_accum * (total_steps - start_step)
-        simple = not (cfg.shard_model or cfg.device_map or cfg.quantize)
+        return (time.perf_counter() - t0) * grad_accum
+
+    want_compile, step_seconds = cfg.compile, None
+    if want_compile is None:  # unset: compile when the run is long enough to repay it
+        step_seconds = timed_step()
+        plain = step_seconds * (total_steps - start_step)
+        # measured on CPUs only; on GPUs --compile is left for the user to ask for
+        simple = lm.device.type == "cpu" and not (cfg.shard_model or cfg.device_map)
         want_compile = distributed.broadcast(ranks, simple and plain > COMPILE_AFTER_S)
         if simple:
             log.info(
@@ -326,6 +331,7 @@ def _train(
         resolved = dataclasses.replace(resolved, compile=want_compile)
     compiled = want_compile and compile_layers(lm.model)
     if compiled:  # compiling happens on the first call: time it apart from the step
+        step_seconds = None
         t0 = time.perf_counter()
         try:
             check_step()
@@ -342,10 +348,8 @@ def _train(
                 str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__,
             )
         soft.grad = None
-    t0 = time.perf_counter()
-    check_step()
-    step_seconds = (time.perf_counter() - t0) * grad_accum
-    soft.grad = None
+    if step_seconds is None:
+        step_seconds = timed_step()
     eval_seconds = (
         step_seconds / grad_accum / 3 * math.ceil(len(val_blocks) / batch_size / ranks.world)
     )
@@ -694,7 +698,7 @@ def mtj_resume_step(cfg: TrainConfig, init_sp: SoftPrompt | None) -> int:
 AUTO_BATCH_MAX = 64  # where --batch-size auto starts searching on a GPU
 
 
-COMPILE_AFTER_S = 120  # compiling SmolLM2's layers took 20 s for steps 1.35x faster
+COMPILE_AFTER_S = 120  # CPU: compiling SmolLM2's layers took 20 s for steps 1.35x faster
 
 
 def wants_checkpointing(lm: LoadedModel, positions: int) -> bool:
