@@ -274,94 +274,100 @@ def _head_gives_logits(model: torch.nn.Module, head: torch.nn.Linear) -> bool:
     )
 
 
-class _HeadCrossEntropy(torch.autograd.Function):
-    """Per-row cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, with the
-    gradient to ``hidden`` worked out in the same pass. Each row's loss depends on that row
-    alone, so the backward pass only scales the saved (N, d) gradient by the upstream one:
-    no logits are kept and the head's matmul is not run again."""
+CE_CHUNK = 128  # rows of logits turned into float32 at a time (128 measured fastest on CPU)
+
+
+class _RowLosses(torch.autograd.Function):
+    """Per-row losses of ``x`` (N, ...) whose gradients are worked out with them:
+    ``compute(grad)`` returns the (N,) losses and writes into ``grad`` (shaped like ``x``)
+    the gradient of each row's loss with respect to that row. A row's loss depends on its
+    row alone, so the backward pass only scales the saved gradient by the upstream one:
+    nothing is recomputed and no (N, V) float32 tensor is kept."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels):
-        grad = torch.empty_like(hidden)
-        losses = _head_losses(hidden, weight, bias, labels, grad)
+    def forward(ctx, x, compute):
+        grad = torch.empty_like(x)
+        losses = compute(grad)
         ctx.save_for_backward(grad)
         return losses
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out[:, None].to(grad.dtype), None, None, None
+        return grad * grad_out[:, None].to(grad.dtype), None
 
 
 def head_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
 ) -> torch.Tensor:
     """Cross-entropy of each row of the logits ``hidden @ weight.T (+ bias)`` (N, d) -> (N, V)
-    against ``labels`` (N,): float32 (N,), differentiable with respect to ``hidden`` only."""
+    against ``labels`` (N,): float32 (N,), differentiable with respect to ``hidden`` only. The
+    logits exist CE_CHUNK rows at a time and the head's matmul runs once."""
     if hidden.requires_grad:
-        return _HeadCrossEntropy.apply(hidden, weight, bias, labels)
+        return _RowLosses.apply(hidden, lambda g: _head_losses(hidden, weight, bias, labels, g))
     return _head_losses(hidden, weight, bias, labels, None)
 
 
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row of ``logits`` (N, V) against ``labels`` (N,): float32 (N,).
+    Unlike ``F.cross_entropy(logits.float())`` it never holds an (N, V) float32 copy of the
+    logits (400 MB less on SmolLM2 at batch 4 x 256 tokens)."""
+    if logits.requires_grad:
+        return _RowLosses.apply(logits, lambda g: _logits_losses(logits, labels, g))
+    return _logits_losses(logits, labels, None)
+
+
 def _head_losses(hidden, weight, bias, labels, grad: torch.Tensor | None) -> torch.Tensor:
-    """The work of ``head_cross_entropy``, CE_CHUNK rows at a time, in two buffers reused from
-    chunk to chunk (logits in the model's dtype, float32 log-probabilities): fresh memory
-    for every chunk costs more in page faults than the arithmetic (measured on SmolLM2,
-    CPU, 1,024 rows: 130 ms with fresh tensors, 30 ms in reused buffers). With ``grad`` the
-    gradient of each row's loss with respect to its hidden row is written there."""
+    """The work of ``head_cross_entropy``: each chunk's logits go into one buffer reused from
+    chunk to chunk; with ``grad``, each row's gradient with respect to its hidden row is
+    written there."""
     n, vocab = hidden.shape[0], weight.shape[0]
-    chunk = min(CE_CHUNK, n)
-    logits = hidden.new_empty(chunk, vocab)
-    logp = torch.empty(chunk, vocab, dtype=torch.float32, device=hidden.device)
-    losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    rows_of = torch.arange(chunk, device=hidden.device)
-    for i in range(0, n, chunk):
-        m = min(chunk, n - i)
-        z, lp, rows, lab = logits[:m], logp[:m], rows_of[:m], labels[i : i + m]
+    buffers = _ChunkBuffers(n, vocab, hidden.device)
+    logits = hidden.new_empty(buffers.chunk, vocab)
+    for i, m in buffers.chunks():
+        z = logits[:m]
         torch.mm(hidden[i : i + m], weight.t(), out=z)
         if bias is not None:
             z.add_(bias)
+        buffers.losses[i : i + m] = buffers.rows_losses(z, labels[i : i + m], grad is not None)
+        if grad is not None:
+            torch.mm(z, weight, out=grad[i : i + m])
+    return buffers.losses
+
+
+def _logits_losses(logits, labels, grad: torch.Tensor | None) -> torch.Tensor:
+    """The work of ``cross_entropy``; with ``grad``, each row's gradient is written there."""
+    buffers = _ChunkBuffers(*logits.shape, logits.device)
+    for i, m in buffers.chunks():
+        z = logits[i : i + m] if grad is None else grad[i : i + m].copy_(logits[i : i + m])
+        buffers.losses[i : i + m] = buffers.rows_losses(z, labels[i : i + m], grad is not None)
+    return buffers.losses
+
+
+class _ChunkBuffers:
+    """Cross-entropy of (n, vocab) logits CE_CHUNK rows at a time, in a float32 buffer reused
+    from chunk to chunk: fresh memory for every chunk costs more in page faults than the
+    arithmetic (SmolLM2, CPU, 1,024 rows: 130 ms with fresh tensors, 30 ms reused)."""
+
+    def __init__(self, n: int, vocab: int, device) -> None:
+        self.n, self.chunk = n, min(CE_CHUNK, n)
+        self.logp = torch.empty(self.chunk, vocab, dtype=torch.float32, device=device)
+        self.rows = torch.arange(self.chunk, device=device)
+        self.losses = torch.empty(n, dtype=torch.float32, device=device)
+
+    def chunks(self):
+        for i in range(0, self.n, self.chunk):
+            yield i, min(self.chunk, self.n - i)
+
+    def rows_losses(self, z: torch.Tensor, labels: torch.Tensor, grad: bool) -> torch.Tensor:
+        """Losses of the logits rows ``z`` (m, vocab) against ``labels`` (m,); with ``grad``,
+        d loss / d logits (softmax - onehot) is written back into ``z``."""
+        m = z.shape[0]
+        lp, rows = self.logp[:m], self.rows[:m]
         torch.log_softmax(lp.copy_(z), dim=-1, out=lp)
-        losses[i : i + m] = lp[rows, lab].neg()
-        if grad is not None:  # d loss / d logits = softmax - onehot
+        losses = lp[rows, labels].neg()
+        if grad:
             lp.exp_()
-            lp[rows, lab] -= 1.0
-            torch.mm(z.copy_(lp), weight, out=grad[i : i + m])
-    return losses
-
-
-CE_CHUNK = 128  # rows of logits turned into float32 at a time (128 measured fastest on CPU)
-
-
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Per-row cross-entropy of (N, V) logits in any float dtype, computed in float32 a chunk
-    of rows at a time. Unlike ``F.cross_entropy(logits.float())`` it never holds an (N, V)
-    float32 copy of the logits, nor keeps the float32 log-softmax for the backward pass: the
-    gradient softmax(logits) - onehot is rebuilt chunk by chunk from the saved logsumexp.
-    On SmolLM2 (vocabulary 49,152) that is 400 MB less at batch 4 x 256 tokens."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        n = logits.shape[0]
-        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
-        for i in range(0, n, CE_CHUNK):
-            lse[i : i + CE_CHUNK] = torch.logsumexp(logits[i : i + CE_CHUNK].float(), dim=-1)
-        picked = logits.gather(1, labels[:, None]).squeeze(1).float()
-        ctx.save_for_backward(logits, labels, lse)
-        return lse - picked  # (N,) float32
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        logits, labels, lse = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        for i in range(0, logits.shape[0], CE_CHUNK):
-            rows = slice(i, i + CE_CHUNK)
-            p = torch.exp(logits[rows].float() - lse[rows, None])  # softmax, (chunk, V)
-            p[torch.arange(p.shape[0], device=p.device), labels[rows]] -= 1.0
-            grad[rows] = p.mul_(grad_out[rows, None])
-        return grad, None
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each row of ``logits`` (N, V) against ``labels`` (N,): float32 (N,)."""
-    return _ChunkedCrossEntropy.apply(logits, labels)
+            lp[rows, labels] -= 1.0
+            z.copy_(lp)
+        return losses
