@@ -270,8 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="held-out loss and perplexity with and without a soft prompt",
         description="Score a dataset with the soft prompt, without any prompt, and with the "
-        "soft prompt's init text as an ordinary prompt (when it was made from text). Every "
-        "row scores the same tokens: all but the first of each block.",
+        "soft prompt's init text as an ordinary prompt (when it was made from text). Each "
+        "row puts the model's BOS token (when its tokenizer adds one) after its prompt, as "
+        "training and generation do, and every row scores the same tokens: all of each block "
+        "after a BOS token, else all but the first.",
     )
     p.add_argument(
         "--model",

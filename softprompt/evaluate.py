@@ -1,10 +1,13 @@
 """Held-out loss and perplexity of a dataset with a soft prompt, without any prompt, and with
 the soft prompt's init text as an ordinary (hard) prompt.
 
-Every variant scores the same tokens: tokens 1..T-1 of each T-token block, each predicted from
-the variant's prefix plus the block tokens before it. (The first token of a block has no
-prediction without a prefix, so it is left out everywhere; this is why these numbers differ
-slightly from the training run's validation loss, which also scores it.)
+Every sequence is laid out as training lays it out, ``[prefix][BOS][block]``, the BOS token
+only where the model's tokenizer puts one first (``LoadedModel.bos_ids``): the soft prompt
+row is ``[soft][BOS][block]``, "no prompt" is ``[BOS][block]`` and the hard-prompt row
+``[BOS][init text][block]``. Every variant scores the same tokens, each predicted from
+everything before it: all T tokens of each block when the model has a BOS token (then the
+soft prompt row equals the training run's validation loss), else tokens 1..T-1 (the first
+token of a block has no prediction without a prefix, so it is left out everywhere).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 from .data import make_blocks, read_dataset, split_blocks, token_stream, tokenize_dataset
 from .errors import ConfigError, DataError
 from .model import LoadedModel
-from .soft_prompt import SoftPrompt, block_loss, embed_ids
+from .soft_prompt import SoftPrompt, block_loss
 
 DEFAULT_SEED = 1729  # the training default: the same file order, hence the same blocks
 DEFAULT_MAX_BLOCKS = 64
@@ -46,6 +49,7 @@ class EvalResult:
     n_blocks: int
     block_size: int
     dataset: str = ""
+    bos: bool = False  # the model's tokenizer puts a BOS token first: every token is scored
 
     def __getitem__(self, key: str) -> Variant:
         for v in self.variants:
@@ -60,6 +64,7 @@ class EvalResult:
             "blocks": self.n_blocks,
             "block_size": self.block_size,
             "tokens_scored": self.tokens_scored,
+            "bos": self.bos,
             "variants": {},
         }
         for v in self.variants:
@@ -77,9 +82,10 @@ class EvalResult:
         for v in self.variants:
             delta = "" if base is None or v.key == "none" else f"{v.loss - base:+.4f}"
             lines.append(f"{v.label:{width}}  {v.loss:7.4f}  {v.perplexity:10.2f}  {delta:>8}")
+        first, bos = (1, ", after the BOS token") if self.bos else (2, "")
         lines.append(
-            f"{self.tokens_scored:,} tokens scored per row: tokens 2..{self.block_size} of "
-            f"{self.n_blocks} block{'s' if self.n_blocks != 1 else ''} of {self.block_size}"
+            f"{self.tokens_scored:,} tokens scored per row: tokens {first}..{self.block_size} of "
+            f"{self.n_blocks} block{'s' if self.n_blocks != 1 else ''} of {self.block_size}{bos}"
         )
         return "\n".join(lines)
 
@@ -91,9 +97,12 @@ def score_blocks(
     blocks: np.ndarray | torch.Tensor,
     batch_size: int,
     device,
+    lead: torch.Tensor | None = None,
+    first: int = 1,
 ) -> tuple[float, int]:
-    """Summed cross-entropy (nats) of tokens 1..T-1 of every block (N, T), each predicted from
-    ``prefix`` (n, d) vectors (n may be 0) and the block tokens before it; and the count."""
+    """Summed cross-entropy (nats) of tokens ``first``..T-1 of every block (N, T) laid out as
+    ``[prefix][lead][block]``, each predicted from everything before it; and the count.
+    ``prefix`` is (n, d) vectors (n may be 0), ``lead`` token ids (the BOS, a hard prompt)."""
     blocks = (
         torch.as_tensor(np.ascontiguousarray(blocks)) if isinstance(blocks, np.ndarray) else blocks
     )
@@ -101,9 +110,9 @@ def score_blocks(
     for i in range(0, len(blocks), batch_size):
         batch = blocks[i : i + batch_size].to(device)  # (B, T)
         T = batch.shape[1]
-        losses = block_loss(model, prefix, batch, reduction="none").view(len(batch), -1)
-        total += losses[:, -(T - 1) :].double().sum().item()  # tokens 1..T-1
-        count += batch[:, 1:].numel()
+        losses = block_loss(model, prefix, batch, reduction="none", lead=lead)
+        total += losses.view(len(batch), -1)[:, -(T - first) :].double().sum().item()
+        count += batch[:, first:].numel()
     return total, count
 
 
@@ -123,31 +132,33 @@ def compare_blocks(
     """Score ``blocks`` (N, T) with each variant; returns the variants and tokens scored."""
     if blocks.ndim != 2 or blocks.shape[1] < 2 or not len(blocks):
         raise DataError("evaluation needs at least one block of at least 2 tokens")
-    prefixes: list[tuple[str, str, torch.Tensor]] = []
+    none = torch.zeros(0, lm.embed_dim)
+    bos = lm.bos_ids
+    # (key, label, soft prompt vectors, token ids between them and the block)
+    rows: list[tuple[str, str, torch.Tensor, list[int]]] = []
     if soft_prompt is not None:
         soft_prompt.check_fits(lm.model)
-        prefixes.append(
-            ("soft_prompt", f"soft prompt ({soft_prompt.n_tokens} tokens)", soft_prompt.tensor)
-        )
-    prefixes.append(("none", "no prompt", torch.zeros(0, lm.embed_dim)))
+        label = f"soft prompt ({soft_prompt.n_tokens} tokens)"
+        rows.append(("soft_prompt", label, soft_prompt.tensor, bos))
+    rows.append(("none", "no prompt", none, bos))
     ids = init_text_ids(lm, soft_prompt) if soft_prompt is not None else None
     if ids:
-        prefixes.append(
-            (
-                "init_text",
-                f"init text as a prompt ({len(ids)} tokens)",
-                embed_ids(lm.model, torch.tensor(ids)),
-            )
-        )
+        rows.append(("init_text", f"init text as a prompt ({len(ids)} tokens)", none, bos + ids))
+    first = 0 if bos else 1
     variants, count = [], 0
-    for key, label, prefix in prefixes:
-        if prefix.shape[0] + blocks.shape[1] > lm.context_length:
+    for key, label, prefix, lead in rows:
+        n_prefix = prefix.shape[0] + len(lead)
+        if n_prefix + blocks.shape[1] > lm.context_length:
             raise ConfigError(
                 f"--block-size {blocks.shape[1]} plus the {label} exceeds the model's context of "
-                f"{lm.context_length}: use --block-size {lm.context_length - prefix.shape[0]} or less"
+                f"{lm.context_length}: use --block-size {lm.context_length - n_prefix} or less"
             )
-        total, count = score_blocks(lm.model, prefix.to(lm.device), blocks, batch_size, lm.device)
-        variants.append(Variant(key, label, prefix.shape[0], total / count))
+        lead_ids = torch.tensor(lead, dtype=torch.long) if lead else None
+        total, count = score_blocks(
+            lm.model, prefix.to(lm.device), blocks, batch_size, lm.device, lead_ids, first
+        )
+        prefix_tokens = prefix.shape[0] + len(lead) - len(bos)
+        variants.append(Variant(key, label, prefix_tokens, total / count))
     return variants, count
 
 
@@ -195,7 +206,9 @@ def evaluate(
     n_prefix = soft_prompt.n_tokens if soft_prompt is not None else 0
     if soft_prompt is not None:
         n_prefix = max(n_prefix, len(init_text_ids(lm, soft_prompt) or []))
-    size = block_size or default_block_size(lm.context_length, n_prefix, lm.device)
+    size = block_size or default_block_size(
+        lm.context_length, n_prefix + len(lm.bos_ids), lm.device
+    )
     corpus = tokenize_dataset(texts, lm.tokenizer, cache_dir)
     stream = token_stream(corpus, lm.eos_token_id, seed)
     blocks = make_blocks(stream, size)
@@ -213,4 +226,4 @@ def evaluate(
     else:
         blocks = blocks[-max_blocks:]
     variants, count = compare_blocks(lm, soft_prompt, blocks, batch_size)
-    return EvalResult(variants, count, len(blocks), size, str(dataset))
+    return EvalResult(variants, count, len(blocks), size, str(dataset), bool(lm.bos_ids))

@@ -94,17 +94,20 @@ def fit_prompt(ids: Sequence[int], context: int, n_soft: int, max_new_tokens: in
 
 
 def encode_prompt(lm: LoadedModel, prompt: str, n_soft: int, max_new_tokens: int) -> list[int]:
-    """Token ids of ``prompt`` (no special tokens, as in training), cut from the left to fit.
-    An empty prompt becomes one EOS token: the start of a document in the training stream."""
+    """Token ids to put after the soft prompt, laid out as training lays out a block: the
+    BOS token where the model's tokenizer puts one first, then the prompt's tokens cut from
+    the left to fit. Without a BOS token an empty prompt becomes one EOS token: the start of
+    a document in the training stream."""
+    bos = lm.bos_ids
     ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-    fitted = fit_prompt(ids, lm.context_length, n_soft, max_new_tokens)
+    fitted = fit_prompt(ids, lm.context_length, n_soft + len(bos), max_new_tokens)
     if len(fitted) < len(ids):
         log.info(
             "note: the prompt was cut to its last %d of %d tokens to fit the context",
             len(fitted),
             len(ids),
         )
-    return fitted or [lm.eos_token_id]
+    return bos + fitted if bos or fitted else [lm.eos_token_id]
 
 
 def eos_ids(lm: LoadedModel) -> set[int]:

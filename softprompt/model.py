@@ -4,6 +4,7 @@ or the default model (SmolLM2-135M-Instruct, shipped as a .gguf by the `llm-smol
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import io
 import logging
@@ -56,9 +57,43 @@ class LoadedModel:
             raise ModelError(f"model {self.source} has no end-of-text (EOS) token in its tokenizer")
         return int(eos)
 
+    @functools.cached_property
+    def bos_ids(self) -> list[int]:
+        """The special tokens the tokenizer puts before a text by default: ``[BOS]`` for
+        Llama, Mistral, Gemma and most recent models, ``[]`` for GPT-2 or SmolLM2. Every
+        sequence softprompt builds is ``[soft prompt][these][text]``, as KoboldAI and PEFT
+        lay them out when they use a soft prompt."""
+        return leading_special_ids(self.tokenizer)
+
     def fingerprint(self) -> dict:
         """What identifies the model for a resumed run."""
         return {"model": self.source, "embed_dim": self.embed_dim}
+
+
+BOS_PROBES = ("Hello world", "a")
+
+
+def leading_special_ids(tokenizer) -> list[int]:
+    """The ids ``tokenizer(text)`` puts in front of ``tokenizer(text, add_special_tokens=False)``
+    (what its defaults add, found by asking it, so a ``.gguf``'s or a folder's settings are
+    honoured alike); only special tokens count, and only when every probe agrees."""
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    found: list[int] | None = None
+    for text in BOS_PROBES:
+        try:
+            full = list(tokenizer(text)["input_ids"])
+            plain = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        except Exception:  # a tokenizer that cannot say: lay sequences out without
+            return []
+        k = next(
+            (i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain),
+            None,
+        )
+        lead = full[:k] if k is not None and plain else []
+        if any(i not in special for i in lead) or (found is not None and lead != found):
+            return []
+        found = lead
+    return [int(i) for i in found or []]
 
 
 def context_length(config, tokenizer=None) -> int:

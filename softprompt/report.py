@@ -95,7 +95,7 @@ def samples(
 ) -> list[dict]:
     """Each prompt's continuation with and without the soft prompt (greedy)."""
     n_soft = soft_prompt.n_tokens if soft_prompt is not None else 0
-    new_tokens = min(new_tokens, lm.context_length - n_soft - 1)
+    new_tokens = min(new_tokens, lm.context_length - n_soft - len(lm.bos_ids) - 1)
     out = []
     for prompt in prompts if new_tokens > 0 else []:
         with_sp = "".join(

@@ -510,6 +510,7 @@ class Server:
         if max_length_limit < 1:
             raise ConfigError("max_length_limit must be at least 1")
         self.lm = lm
+        lm.bos_ids  # noqa: B018 - asks the tokenizer once now, before threads share it
         self.folder, selected = resolve_softprompts(softprompts, softprompt)
         self.host, self.port = host, int(port)
         self.api_key = api_key or None
@@ -626,7 +627,8 @@ class Server:
         ctx = self.context_length
         if req.max_context_length is not None:
             ctx = min(ctx, req.max_context_length)
-        budget = ctx - n_soft - req.max_new_tokens
+        bos = self.lm.bos_ids  # laid out as training does: [soft][BOS][memory + prompt]
+        budget = ctx - n_soft - len(bos) - req.max_new_tokens
         if budget < 1:
             key = "max_tokens" if openai else "max_length"
             raise HTTPError(
@@ -635,7 +637,7 @@ class Server:
                     key: [
                         f"{req.max_new_tokens} new tokens plus {n_soft} soft prompt tokens leave "
                         f"no room for the prompt in a context of {ctx} tokens: ask for at most "
-                        f"{max(0, ctx - n_soft - 1)}."
+                        f"{max(0, ctx - n_soft - len(bos) - 1)}."
                     ]
                 },
             )
@@ -643,7 +645,7 @@ class Server:
         rest = budget - len(memory)
         prompt = self.encode(req.prompt)
         prompt = prompt[-rest:] if rest > 0 else []
-        ids = memory + prompt or [self.lm.eos_token_id]
+        ids = bos + memory + prompt or [self.lm.eos_token_id]
         seed = req.seed if req.seed is not None and req.seed >= 0 else random.randrange(2**63)
         return _Job(ids, soft, req, seed)
 

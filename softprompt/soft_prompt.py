@@ -170,15 +170,34 @@ def _logits_kwarg(forward_cls: type) -> str | None:
     return None
 
 
-def block_logits(model: torch.nn.Module, soft: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    """Logits predicting every token of ``block`` (B, T) from the soft prompt and the tokens
-    before it: (B, T, V). The last token is not fed in, and no LM head work is done on the
-    soft positions except the last one, which predicts the block's first token.
+def block_inputs(block: torch.Tensor, lead: torch.Tensor | None) -> torch.Tensor:
+    """The token ids fed in for ``block`` (B, T): the ``lead`` ids (k,) (the tokenizer's BOS,
+    or a hard prompt), then the block without its last token: (B, k + T - 1)."""
+    ids = block[:, :-1]
+    if lead is None or not len(lead):
+        return ids
+    return torch.cat([lead.to(ids.device, ids.dtype).expand(len(ids), -1), ids], dim=1)
+
+
+def block_logits(
+    model: torch.nn.Module,
+    soft: torch.Tensor,
+    block: torch.Tensor,
+    lead: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits predicting the tokens of ``block`` (B, T) laid out as ``[soft][lead][block]``,
+    each from everything before it: (B, keep, V), keep = T when anything comes before the
+    block, else T - 1. The last token is not fed in, and no LM head work is done on the
+    prefix positions except the last one, which predicts the block's first token.
     ``model`` is a causal LM or a ``PromptedModel`` around one."""
-    keep = n_predicted(soft.shape[0], block.shape[1])
+    keep = n_predicted(soft.shape[0] + _len(lead), block.shape[1])
     if isinstance(model, PromptedModel):
-        return model(soft, block[:, :-1], keep)
-    return _prompted_logits(model, soft, block[:, :-1], keep)
+        return model(soft, block_inputs(block, lead), keep)
+    return _prompted_logits(model, soft, block_inputs(block, lead), keep)
+
+
+def _len(lead: torch.Tensor | None) -> int:
+    return 0 if lead is None else len(lead)
 
 
 def _prompted_logits(
@@ -205,31 +224,38 @@ class PromptedModel(torch.nn.Module):
         return _prompted_logits(self.model, soft, input_ids, keep)
 
 
-def n_predicted(n_soft: int, T: int) -> int:
-    """How many tokens of a T-token block get a prediction: all of them when there is a soft
-    prompt (its last vector predicts the first token), else all but the first."""
-    return T if n_soft > 0 else T - 1
+def n_predicted(n_prefix: int, T: int) -> int:
+    """How many tokens of a T-token block get a prediction: all of them when something comes
+    before the block (a soft prompt or a BOS token: its last position predicts the first
+    token), else all but the first."""
+    return T if n_prefix > 0 else T - 1
 
 
 def block_loss(
-    model: torch.nn.Module, soft: torch.Tensor, block: torch.Tensor, reduction: str = "mean"
+    model: torch.nn.Module,
+    soft: torch.Tensor,
+    block: torch.Tensor,
+    reduction: str = "mean",
+    lead: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy (float32) of every token of ``block`` (B, T) given the soft prompt.
-    ``reduction="none"`` gives one loss per token (flattened, B x keep).
+    """Cross-entropy (float32) of the tokens of ``block`` (B, T) laid out as
+    ``[soft][lead][block]`` (``lead``: the tokenizer's BOS, see ``LoadedModel.bos_ids``).
+    ``reduction="none"`` gives one loss per token (flattened, B x keep; see block_logits).
 
     When the model's logits are its LM head applied to its last hidden state (checked once
     per model, see ``fused_head``), the head and the loss run together a chunk of rows at a
     time (``head_cross_entropy``) and the (tokens x vocabulary) logits never exist at once."""
-    keep = n_predicted(soft.shape[0], block.shape[1])
+    keep = n_predicted(soft.shape[0] + _len(lead), block.shape[1])
     labels = block[:, block.shape[1] - keep :].reshape(-1)  # (B x keep,)
     lm = model.model if isinstance(model, PromptedModel) else model
     head = fused_head(lm)
     if head is not None:
-        hidden = lm.base_model(inputs_embeds=prepend(lm, soft, block[:, :-1]), use_cache=False)[0]
+        embeds = prepend(lm, soft, block_inputs(block, lead))  # (B, n + k + T - 1, d)
+        hidden = lm.base_model(inputs_embeds=embeds, use_cache=False)[0]
         hidden = hidden[:, -keep:].reshape(-1, hidden.shape[-1])  # (B x keep, d)
         losses = head_cross_entropy(hidden, head.weight, head.bias, labels.to(hidden.device))
     else:
-        logits = block_logits(model, soft, block)  # (B, keep, V)
+        logits = block_logits(model, soft, block, lead)  # (B, keep, V)
         losses = cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.to(logits.device))
     if reduction == "none":
         return losses

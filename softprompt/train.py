@@ -162,19 +162,26 @@ def _train(
             "pass the same --model, or --force"
         )
     context = lm.context_length
+    check_layout(checkpoint, lm, out, cfg.force)
+    # every sequence is [soft prompt][BOS, when the tokenizer adds one][block], as the
+    # consumers of a soft prompt (KoboldAI, PEFT) lay it out
+    n_bos = len(lm.bos_ids)
+    lead = torch.tensor(lm.bos_ids, dtype=torch.long, device=lm.device) if n_bos else None
 
     # --- soft prompt length and blocks
     init_sp = load_init_from(cfg.init_from, lm) if checkpoint is None and cfg.init_from else None
     n_tokens = resolve_tokens(cfg, lm, checkpoint, init_sp)
-    if n_tokens >= context:
+    if n_tokens + n_bos >= context:
         raise ConfigError(
             f"--tokens {n_tokens} must be less than the model's context of {context} tokens"
+            + (" minus its BOS token" if n_bos else "")
         )
-    block_size = cfg.block_size or default_block_size(context, n_tokens, lm.device)
-    if n_tokens + block_size > context:
+    block_size = cfg.block_size or default_block_size(context, n_tokens + n_bos, lm.device)
+    if n_tokens + n_bos + block_size > context:
+        bos = " and the BOS token" if n_bos else ""
         raise ConfigError(
-            f"--block-size {block_size} plus {n_tokens} soft tokens exceeds the model's context of "
-            f"{context}: use --block-size {context - n_tokens} or less"
+            f"--block-size {block_size} plus {n_tokens} soft tokens{bos} exceeds the model's context "
+            f"of {context}: use --block-size {context - n_tokens - n_bos} or less"
         )
     if ranks.main:
         check_free_space(out, n_tokens, lm.embed_dim)
@@ -196,7 +203,7 @@ def _train(
             f"use --grad-accum {len(train_blocks)} or less, or add text"
         )
     wanted = (
-        auto_batch_size(lm, n_tokens, train_blocks, cfg.checkpointing is not False, ranks)
+        auto_batch_size(lm, n_tokens, train_blocks, cfg.checkpointing is not False, ranks, lead)
         if cfg.batch_size == "auto"
         else cfg.batch_size
     )
@@ -207,7 +214,7 @@ def _train(
         batch_size, grad_accum = fit_global_batch(checkpoint, batch_size, grad_accum, ranks.world)
     checkpointing = cfg.checkpointing
     if checkpointing is None:
-        checkpointing = wants_checkpointing(lm, batch_size * (n_tokens + block_size))
+        checkpointing = wants_checkpointing(lm, batch_size * (n_tokens + n_bos + block_size))
     samples_per_step = batch_size * grad_accum * ranks.world  # the global batch
     steps_per_epoch = len(train_blocks) / samples_per_step
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -300,7 +307,7 @@ def _train(
 
     def check_step() -> None:
         with activation_checkpointing(net, checkpointing):  # as in training: same memory
-            check_loss = block_loss(net, soft, check_batch)
+            check_loss = block_loss(net, soft, check_batch, lead=lead)
             if not math.isfinite(check_loss.item()):
                 raise RunError(
                     f"the loss is not finite on the first batch, before any training (model "
@@ -391,6 +398,7 @@ def _train(
         "supported": [lm.name],
         "model": lm.source,
         "init": "file" if cfg.init_from else cfg.init,
+        "layout": layout_name(lm),
         **({"init_from": Path(cfg.init_from).name} if cfg.init_from else {}),
         **(
             {"init_text": read_init_text(cfg.init_text)}
@@ -418,6 +426,7 @@ def _train(
                 "torch_rng": torch.get_rng_state(),
                 "dataset_hash": corpus.content_hash,
                 "model": lm.source,
+                "bos_ids": lm.bos_ids,
                 "total_steps": total_steps,
                 "world_size": ranks.world,
                 "samples_per_step": samples_per_step,
@@ -436,7 +445,7 @@ def _train(
             else 0
         )
         sums = loss_sums(
-            net, soft.detach(), share, batch_size, lm.device, n_batches, filler=val_blocks[:1]
+            net, soft.detach(), share, batch_size, lm.device, n_batches, val_blocks[:1], lead
         )
         total, count = distributed.sum_across(ranks, list(sums), lm.device)
         loss = total / max(count, 1)
@@ -457,7 +466,7 @@ def _train(
             loss_sum = 0.0
             for _ in range(grad_accum):
                 batch = batches.batch(samples_seen + mine)
-                loss = block_loss(net, soft, batch) / grad_accum
+                loss = block_loss(net, soft, batch, lead=lead) / grad_accum
                 loss.backward()
                 loss_sum += loss.item()
                 samples_seen += batch_size * ranks.world
@@ -718,7 +727,12 @@ def wants_checkpointing(lm: LoadedModel, positions: int) -> bool:
 
 
 def auto_batch_size(
-    lm: LoadedModel, n_tokens: int, blocks: np.ndarray, checkpointing: bool, ranks
+    lm: LoadedModel,
+    n_tokens: int,
+    blocks: np.ndarray,
+    checkpointing: bool,
+    ranks,
+    lead: torch.Tensor | None = None,
 ) -> int:
     """``--batch-size auto``: on a GPU, the largest batch whose forward and backward pass fit
     in memory, found by trying (accelerate's ``find_executable_batch_size``, halving from
@@ -746,7 +760,7 @@ def auto_batch_size(
             soft = torch.zeros(n_tokens, lm.embed_dim, device=lm.device, requires_grad=True)
             batch = torch.from_numpy(np.ascontiguousarray(blocks[:batch_size])).to(lm.device)
             with activation_checkpointing(lm.model, checkpointing):
-                block_loss(lm.model, soft, batch).backward()
+                block_loss(lm.model, soft, batch, lead=lead).backward()
             return batch_size
 
         chosen = attempt()
@@ -792,9 +806,36 @@ def fit_global_batch(
     return new
 
 
-def default_block_size(context: int, n_tokens: int, device: torch.device) -> int:
+def default_block_size(context: int, n_prefix: int, device: torch.device) -> int:
+    """Tokens per block: what the context leaves after the ``n_prefix`` positions in front
+    (soft tokens and BOS), at most 512 on a CPU and 2048 on a GPU."""
     cap = GPU_BLOCK_CAP if device.type == "cuda" else CPU_BLOCK_CAP
-    return max(2, min(cap, context - n_tokens))
+    return max(2, min(cap, context - n_prefix))
+
+
+def layout_name(lm: LoadedModel) -> str:
+    """How the soft prompt meets the text, as the file's metadata records it."""
+    return "[soft prompt][BOS][text]" if lm.bos_ids else "[soft prompt][text]"
+
+
+def check_layout(checkpoint: dict | None, lm: LoadedModel, out: Path, force: bool) -> None:
+    """Refuse to resume a run whose sequences were laid out without the BOS token this model's
+    tokenizer puts first (softprompt before 0.2 left it out), or with other leading tokens."""
+    if checkpoint is None or force:
+        return
+    saved = checkpoint.get("bos_ids")
+    if saved is None and lm.bos_ids:
+        raise RunError(
+            f"--resume: the checkpoint in {out} was trained without the BOS token that this "
+            f"model's tokenizer puts first (an older softprompt left it out), so its soft "
+            f"prompt would meet other sequences now: start a new run in another --output, or "
+            f"pass --force to continue it with the BOS token"
+        )
+    if saved is not None and list(saved) != lm.bos_ids:
+        raise RunError(
+            f"--resume: the checkpoint in {out} was trained with leading tokens {list(saved)}, "
+            f"but this tokenizer puts {lm.bos_ids} first: pass the same --model, or --force"
+        )
 
 
 def default_name(dataset: str) -> str:
@@ -863,6 +904,7 @@ def loss_sums(
     device,
     n_batches: int = 0,
     filler: np.ndarray | None = None,
+    lead: torch.Tensor | None = None,
 ) -> tuple[float, int]:
     """Summed cross-entropy and token count over ``blocks`` (N, T) with the soft prompt
     ``soft``. With ``n_batches`` the model runs exactly that many times, on the ``filler``
@@ -872,7 +914,7 @@ def loss_sums(
     for b in range(max(n_batches, math.ceil(len(blocks) / batch_size))):
         part = blocks[b * batch_size : (b + 1) * batch_size]
         batch = torch.from_numpy(np.ascontiguousarray(part if len(part) else filler))
-        losses = block_loss(model, soft, batch.to(device), reduction="none")
+        losses = block_loss(model, soft, batch.to(device), reduction="none", lead=lead)
         if len(part):
             total += losses.double().sum().item()
             count += losses.numel()

@@ -105,27 +105,45 @@ ARCHS = [
     "mistral",
     "qwen2",
     "gemma",
+    "llama_bos",
+    "gemma_bos",
 ]
+# Tokenizers that put a BOS token before every text, as Llama's, Mistral's and Gemma's do:
+# Llama-style (untied head) and Gemma-style (tied head, embeddings scaled by sqrt(width)).
+BOS_ARCHS = ["llama_bos", "gemma_bos"]
+BOS, BOS_EOS = "<s>", "</s>"
 
 
-def _train_tokenizer(folder: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _train_tokenizer(folder: Path, bos: bool = False):
+    """A small byte-level BPE tokenizer trained on the demo text. ``bos``: with ``<s>`` and
+    ``</s>`` special tokens and a post-processor that puts ``<s>`` first, so that
+    ``tokenizer(text)`` starts with BOS and ``add_special_tokens=False`` does not."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
+    specials = [BOS, BOS_EOS] if bos else ["<|endoftext|>"]
     trainer = trainers.BpeTrainer(
         vocab_size=400,
-        special_tokens=["<|endoftext|>"],
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     texts = [p.read_text(encoding="utf-8") for p in sorted(EXAMPLES.glob("*.txt"))[:3]]
     tk.train_from_iterator(texts, trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 0)]
+        )
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=tk, bos_token=BOS, eos_token=BOS_EOS, pad_token=BOS_EOS
+        )
+    else:
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+        )
     tok.save_pretrained(folder)
     return tok
 
@@ -137,14 +155,20 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
     base = tmp_path_factory.mktemp("tiny_models")
     tok = _train_tokenizer(base / "tokenizer")
-    vocab = len(tok)
+    bos_tok = _train_tokenizer(base / "tokenizer_bos", bos=True)
+    configs = _configs(len(tok), tok.eos_token_id)
+    bos_configs = _configs(len(bos_tok), bos_tok.eos_token_id)
+    for arch in BOS_ARCHS:
+        configs[arch] = bos_configs[arch.removesuffix("_bos")]
+        configs[arch].bos_token_id = bos_tok.bos_token_id
     folders = {}
-    for arch, config in _configs(vocab, tok.eos_token_id).items():
+    for arch, config in configs.items():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
         folder = base / arch
         model.save_pretrained(folder)
-        for f in (base / "tokenizer").iterdir():
+        tokenizer = base / ("tokenizer_bos" if arch in BOS_ARCHS else "tokenizer")
+        for f in tokenizer.iterdir():
             shutil.copy(f, folder / f.name)
         folders[arch] = folder
     return folders
