@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 DEFAULT_TOKENS = 20
 CPU_AUTO_BATCH = 4  # --batch-size auto on CPUs: see bench/batch_size.py
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes no more; numpy's generator no negative seed
+PATHS = ("dataset", "output", "model", "init_from", "cache_dir")  # options that name a path
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None, group: str = "training") -> Any:
@@ -203,12 +207,33 @@ class TrainConfig:
         need(self.grad_accum >= 1, "--grad-accum must be at least 1")
         need(math.isfinite(self.lr) and self.lr > 0, "--lr must be more than 0, e.g. 0.03")
         need(0.0 <= self.warmup < 1.0, "--warmup is a fraction of the steps, in [0, 1), e.g. 0.1")
-        need(self.weight_decay >= 0, "--weight-decay must be 0 or more")
-        need(self.max_grad_norm >= 0, "--max-grad-norm must be 0 (off) or more")
+        # an infinite weight decay or clip norm passes ">= 0", then trains to NaN
+        need(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            "--weight-decay must be 0 or more (a finite number)",
+        )
+        need(
+            math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0,
+            "--max-grad-norm must be 0 (off) or more (a finite number)",
+        )
+        need(0 <= self.seed <= MAX_SEED, f"--seed must be a whole number from 0 to {MAX_SEED}")
         need(self.eval_every >= 0, "--eval-every must be 0 or more")
         need(self.save_every >= 0, "--save-every must be 0 or more")
         if self.init == "text":
             need(bool(self.init_text), "--init text needs --init-text TEXT_OR_FILE")
+        for name, value in self.to_dict().items():
+            if not isinstance(value, str):
+                continue
+            # config.toml is UTF-8: a lone surrogate (from a JSON "\ud800" or undecodable
+            # command-line bytes) cannot be written to it
+            need(
+                not SURROGATE.search(value),
+                f"{flag(name)} is not valid Unicode text (it holds a lone surrogate)",
+            )
+            need(
+                name not in PATHS or "\0" not in value,
+                f"{flag(name)} holds a NUL character, which no path can hold",
+            )
         need(
             self.device_map in (None, *DEVICE_MAPS),
             f"--device-map must be one of {', '.join(DEVICE_MAPS)} (got {self.device_map!r})",
@@ -295,13 +320,26 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     return out
 
 
+# TOML's basic strings hold no control character but tab, and no raw quote or backslash
+_TOML_ESCAPE = re.compile(r'["\\\x00-\x1f\x7f]')
+_TOML_SHORT = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
-    s = str(v)
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    escaped = _TOML_ESCAPE.sub(lambda m: _TOML_SHORT.get(m[0], f"\\u{ord(m[0]):04x}"), str(v))
+    return f'"{escaped}"'
 
 
 def to_toml(values: dict[str, Any]) -> str:

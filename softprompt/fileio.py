@@ -61,12 +61,20 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "softprompt"
 
 
+# bytes of a name safe_filename gives: file systems take 255, and an extension and
+# atomic_write's temporary ".NAME.xxxxxxxx.tmp" must fit beside it
+MAX_NAME_BYTES = 200
+
+
 def safe_filename(name: str, default: str = "softprompt") -> str:
     """A file name from a free-form name: no path separators, no characters or names Windows
-    forbids, no leading dots, at most 100 characters."""
+    forbids, no leading dots, at most 100 characters and MAX_NAME_BYTES bytes of UTF-8."""
     s = re.sub(r'[<>:"/\\|?*\x00-\x1f\x7f]', "_", name)
     s = s.strip().strip(".").strip()
-    s = re.sub(r"\s+", " ", s)[:100].rstrip(" .")
+    s = re.sub(r"\s+", " ", s)[:100]
+    while len(s.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        s = s[:-1]
+    s = s.rstrip(" .")
     if not s or s.split(".")[0].upper() in WINDOWS_RESERVED:
         s = (s + "_") if s else default
     return s

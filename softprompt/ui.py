@@ -42,8 +42,8 @@ from typing import Any
 
 from . import __version__
 from .checkpoint import CHECKPOINT
-from .config import FIELDS, TrainConfig, _coerce, flag, read_toml, to_toml
-from .errors import ConfigError, SoftPromptError
+from .config import FIELDS, MAX_SEED, SURROGATE, TrainConfig, _coerce, flag, read_toml, to_toml
+from .errors import ConfigError, RunError, SoftPromptError
 from .fileio import atomic_write, safe_filename, write_text
 from .train import CONFIG_FILE, METRICS_FILE, SOFTPROMPT_FILE
 
@@ -54,6 +54,7 @@ STATIC = {"/": "index.html", "/app.js": "app.js", "/style.css": "style.css"}
 DEFAULT_PORT = 8765
 MAX_UPLOAD = 64 << 20  # bytes per uploaded file
 MAX_JSON = 1 << 20  # bytes per JSON request body
+IDLE_TIMEOUT = 60.0  # seconds a connection may wait for the client before it is closed
 MAX_METRICS = 5000  # metric records per answer (the page asks again from where it stopped)
 LOG_TAIL = 40  # log lines shown on the page
 HEADER = "X-Softprompt"  # every POST carries it: a cross-site form cannot set it
@@ -79,6 +80,64 @@ def default_workdir() -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_DATA_HOME")
     return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "softprompt" / "ui"
+
+
+def _whole(text: str) -> int | None:
+    """A whole number written in ASCII digits, else None (``str.isdigit`` takes "²", which
+    ``int`` refuses)."""
+    return int(text) if re.fullmatch(r"[0-9]{1,20}", text) else None
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large a number")
+    return value
+
+
+def _loads(text: str | bytes) -> Any:
+    """JSON as the standard has it: Python's json also takes NaN and Infinity, and reads 1e400
+    as an infinity, which no answer could carry back (and which passes a ">= 0" check).
+    ValueError or RecursionError (nested too deep) if it is not."""
+    return json.loads(text, parse_constant=_not_json, parse_float=_finite)
+
+
+def _within(path: Path, base: Path) -> Path | None:
+    """``path`` with every link in it resolved, or None if that is not ``base`` or inside it
+    (or cannot be resolved: a loop of links)."""
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError):
+        return None
+    return real if real == base or base in real.parents else None
+
+
+def _inside(path: Path, base: Path) -> Path:
+    """``path`` resolved, or RunError if a link takes it out of ``base``: the server reads,
+    serves and writes the workspace's files, and a link planted there must not make it read
+    or write any other file (/etc/passwd through a download, say)."""
+    real = _within(path, base)
+    if real is None:
+        raise RunError(f"{path} is a link that leads outside {base}: refused (delete the link)")
+    return real
+
+
+def _absolute(text: str, only: str | None = None) -> str:
+    """``text`` as an absolute path (the child runs in the run's folder, and a resume may come
+    from another server). ``only``: "file" or "exists", only where it names one here (a model
+    may be a hub id, init text may be text). A name the file system refuses (too long, a
+    ~user with no such user) is left as given, for train to report."""
+    try:
+        path = Path(text).expanduser()
+        if only == "file" and not path.is_file() or only == "exists" and not path.exists():
+            return text
+        return str(path.resolve())
+    except (OSError, RuntimeError):
+        return text
 
 
 # ----------------------------------------------------------------------------- options
@@ -165,16 +224,39 @@ def parse_options(raw: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- runs
 
 
-def _read_json(path: Path) -> dict:
+# job.json's keys that the server uses, and their types
+JOB_TYPES: dict[str, type | tuple[type, ...]] = {
+    "name": str,
+    "created": (int, float),
+    "pid": (int, type(None)),
+    "exit_code": (int, type(None)),
+    "stop_requested": bool,
+    "options": dict,
+    "starts": list,
+}
+
+
+def _read_job(folder: Path) -> dict:
+    """A run's job.json; RunError naming it if it is damaged (not a JSON object, NaN or an
+    infinity in it, a value of the wrong type), so that one bad folder shows as damaged
+    instead of breaking every answer that lists it."""
+    path = folder / STATUS_FILE
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        job = _loads(path.read_text(encoding="utf-8"))
+        if not isinstance(job, dict):
+            raise ValueError("not a JSON object")
+        for key, kind in JOB_TYPES.items():
+            if key in job and not isinstance(job[key], kind):
+                raise ValueError(f"{key} is {type(job[key]).__name__}")
+    except (OSError, ValueError, RecursionError) as e:
+        raise RunError(
+            f"{folder.name}/{STATUS_FILE} is damaged ({e}): delete the folder {folder}"
+        ) from None
+    return job
 
 
 def _write_json(path: Path, data: dict) -> None:
-    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def pid_alive(pid: int | None, marker: str) -> bool:
@@ -199,8 +281,13 @@ def pid_alive(pid: int | None, marker: str) -> bool:
     return True
 
 
-def _finite(rec: dict) -> dict:
-    """A metrics record with NaN and infinities as None (JSON has neither)."""
+def _record(rec: Any) -> dict | None:
+    """A metrics record as the page uses it (a whole-number step, numbers, NaN and infinities
+    as None since JSON has neither), or None for a line that is not one (a damaged file)."""
+    if not isinstance(rec, dict) or type(rec.get("step")) is not int:
+        return None
+    if any(type(v) not in (int, float) for v in rec.values()):
+        return None
     return {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()
     }
@@ -235,9 +322,9 @@ class MetricsReader:
                 end = chunk.rfind(b"\n") + 1  # only whole lines; a partial one waits
                 for line in chunk[:end].splitlines():
                     with contextlib.suppress(ValueError, UnicodeDecodeError):
-                        rec = json.loads(line)
-                        if isinstance(rec, dict):
-                            records.append(_finite(rec))
+                        rec = _record(json.loads(line))
+                        if rec is not None:
+                            records.append(rec)
                 offset += end
             self._cache[path] = (inode, offset, records)
             return list(records)
@@ -305,39 +392,66 @@ class Workspace:
             raise ConfigError(
                 f"--workdir {self.root} cannot be created ({e.strerror}): choose another folder"
             ) from None
+        # links the owner made to put runs/ or datasets/ on another disk are kept: the bounds
+        # that links inside them may not leave are these folders as they are now
+        self.runs, self.datasets = self.runs.resolve(), self.datasets.resolve()
         self._children: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
         self._metrics = MetricsReader()
 
     # --- runs
     def run_dir(self, run_id: str) -> Path:
+        """The run's folder; KeyError if there is none, RunError if it or a link in it leads
+        out of it (every file of a run is the server's to read and write)."""
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,120}", run_id) or run_id.startswith("."):
             raise KeyError(run_id)
         folder = self.runs / run_id
         if not (folder / STATUS_FILE).is_file():
             raise KeyError(run_id)
+        real = _inside(folder, self.runs)
+        for parent, dirs, files in os.walk(real):  # a linked folder is listed, not entered
+            for name in dirs + files:
+                if os.path.islink(os.path.join(parent, name)):
+                    _inside(Path(parent, name), real)
         return folder
 
     def list_runs(self) -> list[dict[str, Any]]:
+        """Every run, newest first; a damaged one as status "damaged" with the reason."""
         out = []
         for folder in self.runs.iterdir():
-            if (folder / STATUS_FILE).is_file():
-                with contextlib.suppress(Exception):
-                    out.append(self.status(folder.name, summary=True))
-        out.sort(key=lambda r: r.get("created", 0), reverse=True)
+            try:
+                out.append(self.status(folder.name, summary=True))
+            except KeyError:
+                continue  # not a run's folder
+            except (SoftPromptError, OSError) as e:
+                created = 0.0
+                with contextlib.suppress(OSError):
+                    created = folder.lstat().st_mtime
+                out.append(
+                    {
+                        "id": folder.name,
+                        "name": folder.name,
+                        "created": created,
+                        "status": "damaged",
+                        "message": str(e),
+                        "step": 0,
+                        "total_steps": None,
+                    }
+                )
+        out.sort(key=lambda r: r["created"], reverse=True)
         return out
 
     def start(self, options: dict[str, Any]) -> dict[str, Any]:
         values = parse_options(options)
-        # the child runs in the run's folder, and a resume may come from another server:
-        # paths that exist here are made absolute (a model may also be a hub id)
-        for key in ("dataset", "cache_dir"):
+        for key, only in (
+            ("dataset", None),
+            ("cache_dir", None),
+            ("model", "exists"),
+            ("init_from", "exists"),
+            ("init_text", "file"),
+        ):
             if values.get(key):
-                values[key] = str(Path(values[key]).expanduser().resolve())
-        for key in ("model", "init_from", "init_text"):  # paths only where they exist here
-            candidate = Path(values[key]).expanduser() if values.get(key) else None
-            if candidate and (candidate.is_file() or key != "init_text" and candidate.exists()):
-                values[key] = str(candidate.resolve())
+                values[key] = _absolute(values[key], only)
         name = values.get("name") or Path(str(values["dataset"]).rstrip("/\\")).name or "run"
         stamp = time.strftime("%Y%m%d-%H%M%S")
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:40] or "run"
@@ -403,7 +517,7 @@ class Workspace:
             )
         with self._lock:
             self._children[folder.name] = proc
-            job = _read_json(folder / STATUS_FILE)
+            job = _read_job(folder)
             job["pid"] = proc.pid
             job["stop_requested"] = False
             job["exit_code"] = None
@@ -413,7 +527,7 @@ class Workspace:
 
     def stop(self, run_id: str) -> dict[str, Any]:
         folder = self.run_dir(run_id)
-        job = _read_json(folder / STATUS_FILE)
+        job = _read_job(folder)
         pid = job.get("pid")
         if not self._alive(run_id, job):
             raise ConfigError("this run is not running")
@@ -438,7 +552,7 @@ class Workspace:
 
     def status(self, run_id: str, since: int = 0, summary: bool = False) -> dict[str, Any]:
         folder = self.run_dir(run_id)
-        job = _read_json(folder / STATUS_FILE)
+        job = _read_job(folder)
         out = folder / OUT
         running = self._alive(run_id, job)
         records = self._metrics.read(out / METRICS_FILE)
@@ -506,14 +620,21 @@ class Workspace:
 
     # --- datasets
     def list_datasets(self) -> list[dict[str, Any]]:
+        """The dataset folders and their .txt files; what a link takes out of datasets/ is
+        left out."""
         out = []
         for folder in sorted(self.datasets.iterdir()):
-            if folder.is_dir():
-                files = sorted(folder.glob("*.txt"))
+            real = _within(folder, self.datasets)
+            if real is not None and real.is_dir():
+                files = [
+                    f
+                    for f in sorted(real.glob("*.txt"))
+                    if _within(f, self.datasets) and f.is_file()
+                ]
                 out.append(
                     {
                         "name": folder.name,
-                        "path": str(folder),
+                        "path": str(real),
                         "files": [f.name for f in files],
                         "bytes": sum(f.stat().st_size for f in files),
                     }
@@ -522,23 +643,60 @@ class Workspace:
 
     def upload(self, dataset: str, filename: str, data: bytes) -> dict[str, Any]:
         name = safe_filename(dataset or "", default="dataset")
-        fname = safe_filename(Path(filename or "").name, default="text.txt")
-        if not fname.lower().endswith(".txt"):
+        given = Path(filename or "").name.strip() or "text.txt"
+        if not given.lower().endswith(".txt"):
             raise ConfigError(f"{filename}: only .txt files can be uploaded")
+        # the extension is kept apart: cutting a long name short must not cut it off
+        fname = safe_filename(given[:-4], default="text") + ".txt"
         try:
             data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ConfigError(
                 f"{fname} is not UTF-8 text (bad byte at offset {e.start}): save it as UTF-8"
             ) from None
-        folder = self.datasets / name
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_write(folder / fname) as fh:
-            fh.write(data)
+        folder = _inside(self.datasets / name, self.datasets)
+        try:
+            folder.mkdir(exist_ok=True)
+            with atomic_write(folder / fname) as fh:
+                fh.write(data)
+        except OSError as e:
+            raise ConfigError(f"{name}/{fname} cannot be saved ({e.strerror or e})") from None
         return {"name": name, "path": str(folder), "file": fname, "bytes": len(data)}
 
 
 # ----------------------------------------------------------------------------- try it
+
+
+TRY_DEFAULTS = {
+    "max_new_tokens": 60,
+    "temperature": 0.8,
+    "top_p": 0.95,
+    "repetition_penalty": 1.1,
+    "seed": 0,
+}
+TRY_WHOLE = {"max_new_tokens": (1, 1000), "seed": (0, MAX_SEED)}  # and their ranges
+
+
+def _try_option(key: str, value: Any) -> int | float:
+    """One try-it option as the page sends it (text, or a number); ConfigError naming it.
+    The sampling ranges are generate's to check: here, what would fail before them (a seed
+    torch refuses, an infinity)."""
+    label = key.replace("_", " ")
+    if value is None or value == "":
+        return TRY_DEFAULTS[key]
+    if key in TRY_WHOLE:
+        low, high = TRY_WHOLE[key]
+        number = _whole(str(value).strip())
+        if number is None or not low <= number <= high:
+            raise ConfigError(f"{label} must be a whole number from {low} to {high}")
+        return number
+    try:
+        real = float(value)
+    except (TypeError, ValueError):
+        real = math.nan
+    if not math.isfinite(real):
+        raise ConfigError(f"{label} must be a finite number")
+    return real
 
 
 class Generator:
@@ -569,24 +727,9 @@ class Generator:
         prompt = request.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError("type a prompt first")
-        opts = {}
-        for key, kind, default in (
-            ("max_new_tokens", int, 60),
-            ("temperature", float, 0.8),
-            ("top_p", float, 0.95),
-            ("repetition_penalty", float, 1.1),
-            ("seed", int, 0),
-        ):
-            value = request.get(key)
-            if value is None or value == "":
-                opts[key] = default
-                continue
-            try:
-                opts[key] = kind(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{key.replace('_', ' ')} must be a number") from None
-        if opts["max_new_tokens"] > 1000:
-            raise ConfigError("max new tokens: at most 1000 here")
+        if SURROGATE.search(prompt):  # JSON's "\ud800": no tokenizer takes it
+            raise ConfigError("the prompt is not valid Unicode text (it holds a lone surrogate)")
+        opts = {key: _try_option(key, request.get(key)) for key in TRY_DEFAULTS}
         out = run_dir / OUT
         cfg = TrainConfig(**read_toml(out / CONFIG_FILE))
         sp = SoftPrompt.load(out / SOFTPROMPT_FILE)
@@ -616,6 +759,13 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         log.debug("%s %s", self.address_string(), format % args)
 
+    def setup(self) -> None:
+        # a client that connects and then sends nothing (or half a request) would keep its
+        # thread for ever: every read and write waits at most this long, then the
+        # connection is closed
+        self.timeout = self.server.idle_timeout
+        super().setup()
+
     # --- plumbing
     def _send(self, status: int, body: bytes, ctype: str, headers: dict | None = None) -> None:
         self.send_response(status)
@@ -630,7 +780,9 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, data: Any, status: int = 200) -> None:
-        body = json.dumps(data, ensure_ascii=False, allow_nan=False, default=str).encode()
+        # \u escapes throughout: a file name that is not UTF-8 (a surrogate escape) is sent
+        # as one, where encoding it as UTF-8 would fail
+        body = json.dumps(data, allow_nan=False, default=str).encode()
         self._send(status, body, "application/json; charset=utf-8")
 
     def _error(self, message: str, status: int = 400) -> None:
@@ -647,10 +799,10 @@ class Handler(BaseHTTPRequestHandler):
     def _read_body(self, limit: int) -> bytes:
         """The request body, read whole (the connection is kept alive, so nothing of it may
         be left for the next request); ConfigError if it is over ``limit``."""
-        length = self.headers.get("Content-Length", "0")
-        if not length.isdigit():
+        n = _whole(self.headers.get("Content-Length", "0").strip())
+        if n is None:
+            self.close_connection = True  # where its body ends is unknown
             raise ConfigError("the request has no valid Content-Length")
-        n = int(length)
         if n > limit:
             self.close_connection = True
             # read and drop it in pieces so the browser sees the answer, not a reset
@@ -664,11 +816,10 @@ class Handler(BaseHTTPRequestHandler):
         return self.rfile.read(n) if n else b""
 
     def _json_body(self) -> dict:
-        raw = self.body
         try:
-            data = json.loads(raw or b"{}")
-        except ValueError:
-            raise ConfigError("the request body is not JSON") from None
+            data = _loads(self.body or b"{}")
+        except (ValueError, RecursionError) as e:
+            raise ConfigError(f"the request body is not JSON ({e})") from None
         if not isinstance(data, dict):
             raise ConfigError("the request body must be a JSON object")
         return data
@@ -695,8 +846,8 @@ class Handler(BaseHTTPRequestHandler):
             self._error("no such run", 404)
         except SoftPromptError as e:
             self._error(str(e), 400)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # the client left, or stopped sending: no answer
         except Exception as e:  # one line for the page; the traceback goes to the log
             log.exception("ui request %s %s failed", method, self.path)
             self._error(f"internal error: {type(e).__name__}: {e}", 500)
@@ -739,8 +890,7 @@ class Handler(BaseHTTPRequestHandler):
         elif len(parts) >= 3 and parts[:2] == ["api", "runs"]:
             run_id, action = parts[2], (parts[3] if len(parts) > 3 else "")
             if method == "GET" and action == "":
-                since = query.get("since", "0")
-                self._json(ws.status(run_id, int(since) if since.isdigit() else 0))
+                self._json(ws.status(run_id, _whole(query.get("since", "0")) or 0))
             elif method == "POST" and action == "stop":
                 self._json(ws.stop(run_id))
             elif method == "POST" and action == "resume":
@@ -794,6 +944,7 @@ class UIServer(ThreadingHTTPServer):
         self.workspace = workspace
         self.generator = Generator()
         self.version = __version__
+        self.idle_timeout = IDLE_TIMEOUT
         self.allowed_hosts: set[str] | None = (
             None
             if host in ("", "0.0.0.0", "::")

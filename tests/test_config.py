@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from softprompt.config import TrainConfig, read_toml, to_toml
 from softprompt.errors import ConfigError
@@ -59,3 +63,50 @@ def test_toml_types_are_checked(tmp_path):
 )
 def test_safe_filename(name, want):
     assert safe_filename(name) == want
+
+
+# Any text a user can type (hypothesis leaves out lone surrogates, which are not text): the
+# control characters included, a saved config reads back equal. Names from train's fields.
+TEXT_FIELDS = ["dataset", "name", "description", "author", "init_text", "model"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.fixed_dictionaries({k: st.text() for k in TEXT_FIELDS}))
+def test_toml_round_trip_of_any_text(values, tmp_path_factory):
+    path = tmp_path_factory.mktemp("toml") / "c.toml"
+    path.write_text(to_toml(values), encoding="utf-8")
+    assert read_toml(path) == values
+
+
+@pytest.mark.parametrize("char", ["\r", "\x00", "\x01", "\x1b", "\x7f", "\t", "\n", "\x0c"])
+def test_control_characters_are_escaped_in_toml(char, tmp_path):
+    """A control character written raw makes the file invalid TOML (or, for a carriage
+    return, changes the line structure): each is written as an escape."""
+    text = to_toml({"name": f"a{char}b", "description": char})
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", text) and text.count("\n") == 3
+    path = tmp_path / "c.toml"
+    path.write_text(text, encoding="utf-8")
+    assert read_toml(path) == {"name": f"a{char}b", "description": char}
+
+
+@pytest.mark.parametrize(
+    "field, value, want",
+    [
+        ("weight_decay", float("inf"), "--weight-decay must be 0 or more"),
+        ("max_grad_norm", float("inf"), "--max-grad-norm must be 0 (off) or more"),
+        ("max_grad_norm", float("nan"), "--max-grad-norm must be 0 (off) or more"),
+        ("seed", 2**64, "--seed must be"),
+        ("seed", -1, "--seed must be"),
+        ("dataset", "a\x00b", "--dataset holds a NUL character"),
+        ("model", "m\x00", "--model holds a NUL character"),
+        ("name", "a\ud800b", "--name is not valid Unicode text"),
+        ("description", "\udcff", "--description is not valid Unicode text"),
+    ],
+)
+def test_values_that_would_break_the_run_are_refused(field, value, want):
+    """Values a run cannot use (issue 14): an infinite weight decay would train to NaN, a seed
+    outside 0..2**64-1 fails in torch, a NUL cannot be in a path, a lone surrogate cannot be
+    written to config.toml."""
+    cfg = TrainConfig(**{"dataset": "d", "output": "o", field: value})
+    with pytest.raises(ConfigError, match=re.escape(want)):
+        cfg.validate()

@@ -13,9 +13,11 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -407,3 +409,214 @@ def test_run_ids_are_plain_and_paths_absolute(server, tmp_path, monkeypatch):
     assert run["model"] == "nowhere-model"  # not a path here: left as a hub id
     assert call(server, "GET", f"/api/runs/{run['id']}")[0] == 200
     wait_for(lambda: call(server, "GET", f"/api/runs/{run['id']}")[1]["status"] != "running")
+
+
+# ----------------------------------------------------------------------------- hostile input
+# Issue 14: values that broke a run or the server, and links planted in the workspace. Runs
+# are not launched here (a no-op _launch): what matters is what the server writes and answers.
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    monkeypatch.setattr(ui.Workspace, "_launch", lambda self, folder, args: None)
+
+
+def raw_request(srv, data: bytes, timeout: float = 10.0) -> bytes:
+    """What the server sends back for ``data`` on a fresh connection, until it closes it."""
+    with socket.create_connection(srv.server_address[:2], timeout=timeout) as s:
+        s.sendall(data)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+        return got
+
+
+def make_run(ws: ui.Workspace, run_id: str, job: str | None = None) -> Path:
+    """A run folder as the server leaves it, written by hand."""
+    folder = ws.runs / run_id
+    (folder / ui.OUT).mkdir(parents=True)
+    job = job or json.dumps({"id": run_id, "name": run_id, "created": 1.0, "options": {}})
+    (folder / ui.STATUS_FILE).write_text(job)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "option, value, want",
+    [
+        ("weight_decay", "inf", "--weight-decay must be 0 or more"),
+        ("max_grad_norm", "inf", "--max-grad-norm must be 0 (off) or more"),
+        ("max_grad_norm", "-inf", "--max-grad-norm must be 0 (off) or more"),
+        ("seed", str(2**70), "--seed must be"),
+        ("dataset", "a\x00b", "--dataset holds a NUL character"),
+        ("name", "\ud800", "--name is not valid Unicode text"),
+    ],
+)
+def test_a_value_that_would_break_the_run_is_refused_before_anything_is_written(
+    server, no_launch, option, value, want
+):
+    options = {"dataset": "texts", option: value}
+    status, data = call(server, "POST", "/api/runs", {"options": options})
+    assert status == 400 and want in data["error"], data
+    assert list(server.workspace.runs.iterdir()) == []
+    assert call(server, "GET", "/api/runs") == (200, {"runs": []})
+
+
+def test_nan_and_infinity_are_not_json(server, no_launch):
+    """Python's json takes NaN and Infinity, and reads 1e400 as an infinity: none is JSON."""
+    for number in ("Infinity", "-Infinity", "NaN", "1e400"):
+        raw = b'{"options": {"dataset": "texts", "weight_decay": %s}}' % number.encode()
+        status, data = call(server, "POST", "/api/runs", raw=raw)
+        assert status == 400 and number in data["error"], data
+    assert list(server.workspace.runs.iterdir()) == []
+
+
+def test_one_damaged_run_folder_does_not_hide_the_others(server):
+    ws = server.workspace
+    make_run(ws, "good")
+    make_run(ws, "infinite", '{"name": "x", "options": {"weight_decay": Infinity}}')
+    make_run(ws, "garbled", "{not json")
+    make_run(ws, "array", "[1, 2]")
+    make_run(ws, "types", '{"name": 3, "created": "yesterday", "pid": "x", "options": []}')
+    bad_metrics = make_run(ws, "metrics")
+    (bad_metrics / ui.OUT / "metrics.jsonl").write_text(
+        '{"loss": 1.0}\n{"step": "2", "loss": 1.0}\n{"step": 3, "loss": "x"}\n{"step": 4, "loss": 2.0}\n'
+    )
+    status, data = call(server, "GET", "/api/runs")
+    assert status == 200, data
+    runs = {r["id"]: r for r in data["runs"]}
+    assert set(runs) == {"good", "infinite", "garbled", "array", "types", "metrics"}
+    assert runs["good"]["status"] == "failed" and runs["metrics"]["step"] == 4
+    for run_id in ("infinite", "garbled", "array", "types"):
+        assert runs[run_id]["status"] == "damaged"
+        assert f"{run_id}/job.json" in runs[run_id]["message"], runs[run_id]
+        status, data = call(server, "GET", f"/api/runs/{run_id}")
+        assert status == 400 and "job.json" in data["error"]
+    assert call(server, "GET", "/api/runs/metrics")[0] == 200
+
+
+def test_control_characters_are_saved_escaped_and_read_back_equal(server, no_launch, tmp_path):
+    from softprompt.config import read_toml
+
+    (tmp_path / "texts").mkdir()
+    nasty = "a\rb\x00c\x01d\x1be\x7ff\n\t"
+    options = {
+        "dataset": str(tmp_path / "texts"),
+        "name": nasty,
+        "description": nasty,
+        "author": nasty,
+        "model": "m\r\x01\x1b\x7f",
+        "init_text": nasty,
+    }
+    status, run = call(server, "POST", "/api/runs", {"options": options})
+    assert status == 201, run
+    folder = server.workspace.runs / run["id"]
+    saved = read_toml(folder / ui.RUN_CONFIG)
+    assert saved == run["options"]
+    assert saved["description"] == nasty and saved["model"] == options["model"]
+    assert saved["name"] == nasty.strip()  # names are trimmed, as every option but the description
+
+
+def test_bad_request_numbers_answer_400_not_500(server):
+    head = b"POST /api/runs HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Softprompt: 1\r\n"
+    for length in (b"\xb2", b"\xb9", b"-1", b"1_0", b""):  # \xb2 is "2" as a superscript
+        answer = raw_request(server, head + b"Content-Length: " + length + b"\r\n\r\n{}")
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        assert b"Content-Length" in answer
+    status, data = call(server, "GET", "/api/runs/nope?since=%C2%B2")
+    assert status == 404, data
+
+
+def test_upload_names_too_long_for_the_file_system_are_shortened(server):
+    long = urllib.parse.quote("😀" * 100)  # 100 characters, 400 bytes: over NAME_MAX
+    status, data = call(
+        server, "POST", f"/api/upload?dataset={long}&filename={long}.txt", raw=b"hello"
+    )
+    assert status == 200, data
+    assert data["file"].endswith(".txt")  # the extension is not cut off
+    assert len(data["name"].encode()) < 255 and len(data["file"].encode()) < 255
+    assert (Path(data["path"]) / data["file"]).read_text() == "hello"
+
+
+def test_paths_the_file_system_refuses_are_not_500(server, no_launch, tmp_path):
+    (tmp_path / "texts").mkdir()
+    for key in ("model", "init_from", "init_text", "cache_dir"):
+        options = {"dataset": str(tmp_path / "texts"), key: "x" * 300}
+        if key == "init_text":
+            options["init"] = "text"
+        status, data = call(server, "POST", "/api/runs", {"options": options})
+        assert status in (201, 400), (key, data)
+
+
+def test_try_it_options_out_of_range_are_refused(tmp_path):
+    gen = ui.Generator()
+    for body, want in [
+        ({"seed": 2**70}, "seed must be a whole number from 0 to"),
+        ({"seed": -1}, "seed must be a whole number from 0 to"),
+        ({"seed": "1e400"}, "seed must be a whole number"),
+        ({"max_new_tokens": 0}, "max new tokens must be a whole number from 1 to 1000"),
+        ({"temperature": "inf"}, "temperature must be a finite number"),
+        ({"repetition_penalty": "nan"}, "repetition penalty must be a finite number"),
+        ({"prompt": "a\ud800"}, "the prompt is not valid Unicode text"),
+    ]:
+        with pytest.raises(ConfigError, match=want):
+            gen.compare(tmp_path, {"prompt": "Once", **body})
+
+
+def test_idle_connections_are_closed_after_the_timeout(server):
+    server.idle_timeout = 0.5
+    t0 = time.monotonic()
+    assert raw_request(server, b"") == b""  # connected, sent nothing
+    half = b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # headers never ended
+    assert raw_request(server, half) == b""
+    body = b"POST /api/runs HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Softprompt: 1\r\nContent-Length: 100\r\n\r\n{"
+    assert raw_request(server, body) == b""  # a body that never arrives
+    assert time.monotonic() - t0 < 5
+    assert call(server, "GET", "/api/info")[0] == 200  # the server is still there
+
+
+def test_links_planted_in_a_run_folder_are_not_followed(server, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the secret\n")
+    ws = server.workspace
+    zipped = make_run(ws, "zipped")
+    (zipped / ui.OUT / "softprompt.safetensors").write_bytes(b"x")  # a finished run
+    (zipped / ui.OUT / "stolen.zip").symlink_to(secret)
+    logged = make_run(ws, "logged")
+    (logged / ui.LOG_FILE).symlink_to(secret)
+    outside = tmp_path / "elsewhere"
+    make_run(ws, "x")
+    shutil.move(ws.runs / "x", outside)
+    (ws.runs / "linked").symlink_to(outside)
+    away = make_run(ws, "away")
+    shutil.rmtree(away / ui.OUT)
+    (away / ui.OUT).symlink_to(tmp_path)
+
+    for run_id in ("zipped", "logged", "linked", "away"):
+        for path in (f"/api/runs/{run_id}", f"/api/runs/{run_id}/download"):
+            req = urllib.request.Request(server.url.rstrip("/") + path)
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=10)
+            body = e.value.read()
+            assert e.value.code == 400 and b"the secret" not in body, (path, body)
+            assert b"outside" in body
+    runs = {r["id"]: r for r in call(server, "GET", "/api/runs")[1]["runs"]}
+    assert {runs[r]["status"] for r in ("zipped", "logged", "linked", "away")} == {"damaged"}
+    assert "the secret" not in json.dumps(runs)
+
+
+def test_uploads_through_a_planted_link_are_refused(server, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (server.workspace.datasets / "planted").symlink_to(outside)
+    status, data = call(server, "POST", "/api/upload?dataset=planted&filename=a.txt", raw=b"hi")
+    assert status == 400 and "outside" in data["error"], data
+    assert list(outside.iterdir()) == []
+    names = [d["name"] for d in call(server, "GET", "/api/datasets")[1]["datasets"]]
+    assert "planted" not in names
+
+
+def test_names_that_are_not_utf8_are_listed_not_500(server):
+    """A folder someone made with a name that is not UTF-8 (Python's surrogate escapes)."""
+    os.mkdir(os.fsencode(server.workspace.datasets) + b"/caf\xe9")
+    status, data = call(server, "GET", "/api/datasets")
+    assert status == 200 and [d["name"] for d in data["datasets"]] == ["caf\udce9"], data

@@ -211,7 +211,7 @@ async function refreshRuns() {
     const steps = r.total_steps ? `${r.step}/${r.total_steps}` : (r.step ? `${r.step}` : "");
     const li = el("li", { "data-id": r.id, "data-status": r.status, class: r.id === state.selected ? "selected" : "" },
       el("span", { class: `badge ${r.status}`, text: r.status }),
-      el("span", { class: "name", text: r.name, title: r.id }),
+      el("span", { class: "name", text: r.name, title: r.status === "damaged" ? r.message : r.id }),
       el("span", { class: "when", text: fmtWhen(r.created) }),
       el("span", { class: "steps", text: steps ? `step ${steps}` : "" }));
     li.addEventListener("click", () => selectRun(r.id));
