@@ -741,6 +741,49 @@ def test_serve_answers_4xx_for_a_soft_prompt_with_deep_json(tiny_llama, tmp_path
         srv.close()
 
 
+# ----------------------------------------------------------------------------- what is printed
+
+# a shared file's metadata trying to retitle the terminal, clear it, and overwrite a line
+SHOWN = {
+    "name": "\x1b]0;owned\x07name",
+    "description": "\x1b[2J\rfits: yes\x9b31m",
+    "author": "me\u202eevil",
+    "supported": ["\x1b[1mmodel"],
+    "extra": {"k\x1b": "v\r"},
+}
+RAW = ("\x1b", "\r", "\x07", "\x9b", "\u202e")
+
+
+def test_inspect_and_convert_show_control_characters_escaped(tmp_path, capsys):
+    sp = SoftPrompt(torch.ones(2, 8), dict(SHOWN))
+    path = tmp_path / "x\x1b[2J.zip"
+    kobold.save(sp, path)
+    code, out = main(["inspect", str(path)]), capsys.readouterr().out
+    assert code == 0 and not any(c in out for c in RAW), repr(out)
+    assert "\\x1b]0;owned\\x07name" in out and "\\x1b[2J\\rfits: yes" in out and "\\u202e" in out
+    code, out = main(["inspect", str(path), "--json"]), capsys.readouterr().out
+    assert code == 0 and not any(c in out for c in RAW), repr(out)
+    info = json.loads(out)  # escaped, yet the same text
+    assert info["name"] == SHOWN["name"] and info["meta"]["description"] == SHOWN["description"]
+    code, out = main(["convert", str(path), str(tmp_path / "y\r.safetensors")]), capsys.readouterr()
+    assert code == 0 and not any(c in out.out + out.err for c in RAW), repr(out)
+    assert load_any(tmp_path / "y\r.safetensors").meta["author"] == SHOWN["author"]
+    (tmp_path / "z\x1b.zip").write_bytes(b"not a zip")  # and in an error
+    code, err = main(["inspect", str(tmp_path / "z\x1b.zip")]), capsys.readouterr().err
+    _one_error_line(code, err)
+    assert "\x1b" not in err and "z\\x1b.zip" in err
+
+
+def test_serve_lists_no_names_with_control_characters(tiny_llama, tmp_path):
+    from softprompt.serve import Server
+
+    sp = SoftPrompt(torch.ones(2, tiny_llama.embed_dim), dict(SHOWN))
+    for name in ("ok.zip", "bad\x1b[2J.zip", "bad\r.zip", "bad\x9b.zip", "bad\u202e.zip"):
+        kobold.save(sp, tmp_path / name)
+    srv = Server(tiny_llama, tmp_path, port=0)
+    assert srv.list_soft_prompts() == ["ok.zip"]
+
+
 # ----------------------------------------------------------------------------- zip entries
 
 
