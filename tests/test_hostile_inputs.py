@@ -798,3 +798,12 @@ def test_zip_with_a_duplicate_entry_name_is_refused(tmp_path, name, member):
             z.writestr(member, src.read(member))
     e = fails_cleanly(lambda: load_any(path), FormatError)
     assert name in str(e) and f"{member!r} twice" in str(e), str(e)
+
+
+def test_zip_with_an_encrypted_entry_is_refused(tmp_path):
+    raw = bytearray(VALID["p.zip"])
+    entry = raw.index(b"PK\x01\x02")  # the directory's first entry: tensor.npy
+    raw[entry + 8] |= 0x1  # its "encrypted" flag bit
+    (tmp_path / "p.zip").write_bytes(bytes(raw))
+    e = fails_cleanly(lambda: load_any(tmp_path / "p.zip"), FormatError)
+    assert "'tensor.npy' is encrypted" in str(e), str(e)

@@ -180,8 +180,8 @@ def _unsafe_name(name: str) -> bool:
 
 def check_zip(z: zipfile.ZipFile, path: Path, max_total: int) -> None:
     """Refuse a zip with an absolute or `..` entry name, a name used twice (which of them a
-    reader gets is up to the reader), too many entries, or more than ``max_total`` bytes
-    unpacked in all (as its directory says; reads are bounded again)."""
+    reader gets is up to the reader), an encrypted entry, too many entries, or more than
+    ``max_total`` bytes unpacked in all (as its directory says; reads are bounded again)."""
     infos = z.infolist()
     if len(infos) > MAX_ZIP_ENTRIES:
         raise FormatError(f"{path}: the zip has {len(infos)} entries; a soft prompt has a few")
@@ -194,6 +194,8 @@ def check_zip(z: zipfile.ZipFile, path: Path, max_total: int) -> None:
                 f"{path}: the zip holds {info.filename!r} twice; a soft prompt zip names each entry once"
             )
         seen.add(info.filename)
+        if info.flag_bits & 0x1:  # zipfile would ask for a password (a RuntimeError)
+            raise FormatError(f"{path}: the zip entry {info.filename!r} is encrypted")
         total += info.file_size
     if total > max_total:
         raise FormatError(
