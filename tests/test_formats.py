@@ -416,7 +416,9 @@ def test_mtjsp_torch_variant_with_code_is_refused(tmp_path):
     torch.save(
         {"tensor": torch.zeros(2, 4), "opt_state": Evil(marker), "step": 1}, tmp_path / "evil.mtjsp"
     )
-    with pytest.raises(FormatError, match=r"evil\.mtjsp.*holds code \(exec\), which softprompt never runs"):
+    with pytest.raises(
+        FormatError, match=r"evil\.mtjsp.*holds code \(exec\), which softprompt never runs"
+    ):
         load_any(tmp_path / "evil.mtjsp")
     assert not marker.exists()
 
