@@ -520,6 +520,7 @@ def add_format_commands(sub) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .formats import format_for_path, load_any, save
+    from .formats.common import printable
 
     sp = load_any(args.input)
     for key in ("name", "description", "author"):
@@ -537,7 +538,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         options["base_model"] = args.base_model
     out = save(sp, args.output, fmt, **options)
     print(
-        f"{fmt}: {out} ({sp.n_tokens} tokens x {sp.dim}, from {sp.meta.get('format')} {args.input})"
+        f"{fmt}: {printable(out, None)} ({sp.n_tokens} tokens x {sp.dim}, "
+        f"from {sp.meta.get('format')} {printable(args.input, None)})"
     )
     return 0
 
@@ -555,7 +557,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
         lm = load_model(None if args.model == "default" else args.model, args.device, "float32")
     info = describe(args.file, lm, args.top_k)
-    print(json.dumps(info, indent=2, ensure_ascii=False) if args.json else format_text(info))
+    # ensure_ascii: JSON escapes only U+0000-U+001F by itself, and a terminal also obeys
+    # DEL, C1 controls (U+009B starts an escape sequence) and direction overrides
+    print(json.dumps(info, indent=2, ensure_ascii=True) if args.json else format_text(info))
     return 0
 
 
@@ -721,7 +725,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+    """The message on one line, with control characters (say, in a file name) escaped."""
+    from .formats.common import printable
+
+    return printable(" ".join(str(e).split()), None) or type(e).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .formats import FORMATS, load_any
-from .formats.common import KOBOLD_MAX_TOKENS, stored_meta
+from .formats.common import KOBOLD_MAX_TOKENS, printable, stored_meta
 from .soft_prompt import SoftPrompt
 
 
@@ -107,22 +107,24 @@ def nearest_tokens(
 
 
 def format_text(info: dict[str, Any]) -> str:
-    """The description as lines for people."""
+    """The description as lines for a terminal. Text from the file (its name and metadata,
+    which someone else wrote) is shown with control characters escaped, so it cannot move the
+    cursor, retitle or clear the window, or overwrite a line."""
     lines = []
     if info.get("file"):
-        lines.append(f"file:    {info['file']}")
+        lines.append(f"file:    {printable(info['file'], None)}")
     fmt = info["format"] or "?"
     if info.get("format_description"):
         fmt += f": {info['format_description']}"
-    lines.append(f"format:  {fmt}")
-    lines.append(f"name:    {info['name']}")
+    lines.append(f"format:  {printable(fmt, None)}")
+    lines.append(f"name:    {printable(info['name'], None)}")
     meta = {k: v for k, v in info["meta"].items() if k != "name" and v not in ("", None, [])}
     for k, v in meta.items():
         if isinstance(v, float):
             v = f"{v:.4g}"
         elif isinstance(v, list):
             v = ", ".join(map(str, v))
-        lines.append(f"  {k}: {v}")
+        lines.append(f"  {printable(k, None)}: {printable(v, None)}")
     lines.append(
         f"shape:   {info['n_tokens']} tokens x {info['dim']} ({info['dtype']} in the file)"
     )
@@ -134,7 +136,7 @@ def format_text(info: dict[str, Any]) -> str:
     if model:
         fits = "yes" if model["fits"] else "NO"
         lines.append(
-            f"model:   {model['name']} (input embeddings {model['embed_dim']} wide): fits {fits}"
+            f"model:   {printable(model['name'], None)} (input embeddings {model['embed_dim']} wide): fits {fits}"
         )
         if "vocab_norm_mean" in model:
             lines.append(f"         mean vocabulary embedding norm {model['vocab_norm_mean']:.3f}")

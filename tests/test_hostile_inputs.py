@@ -424,3 +424,386 @@ def test_cli_random_config_and_soft_prompt(tmp_path, capsys, data):
         sp.write_bytes(data)
         code = main(["inspect", str(sp)])
         _one_error_line(code, capsys.readouterr().err)
+
+
+# ----------------------------------------------------------------------------- memory bombs
+
+
+def _stride0(n: int, d: int) -> torch.Tensor:
+    """One value seen as (n, d): torch saves and pickles it as a storage of one number."""
+    return torch.zeros(1).expand(n, d)
+
+
+def _npy_bomb(fh, shape) -> None:
+    """Write a float32 .npy of zeros with ``shape`` to ``fh`` without holding it in memory."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": shape}
+    )
+    fh.write(header.getvalue())
+    zeros, left = bytes(1 << 24), int(np.prod(shape, dtype=np.int64)) * 4
+    while left:
+        fh.write(zeros[:left])
+        left -= min(left, len(zeros))
+
+
+def _sparse_safetensors(path: Path, key: str, shape) -> None:
+    """A .safetensors file whose data is a hole: hundreds of MB on paper, nothing on disk."""
+    n = int(np.prod(shape, dtype=np.int64)) * 4
+    header = json.dumps({key: {"dtype": "F32", "shape": list(shape), "data_offsets": [0, n]}})
+    header += " " * (-len(header) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(header).to_bytes(8, "little") + header.encode())
+        fh.truncate(8 + len(header) + n)
+
+
+def _bomb_files(folder: Path) -> list[Path]:
+    """Small files (or sparse ones) that claim soft prompts of hundreds of MB to GBs."""
+    rows = _stride0(20_000, 16_384)  # more rows than any soft prompt: 1.3 GB as float32
+    cells = _stride0(8_192, 16_384)  # rows and width plausible, 512 MB as float32
+    raw = pickle.dumps(rows, protocol=4)
+    (folder / "bomb.json").write_text(
+        json.dumps({"metadata": {}, "tensor": base64.b64encode(raw).decode()})
+    )
+    torch.save({"tensor": cells}, folder / "zip.mtjsp")
+    torch.save({"tensor": rows}, folder / "legacy.mtjsp", _use_new_zipfile_serialization=False)
+    for name, weights in (("bin_adapter", "adapter_model.bin"), ("st_adapter", None)):
+        (folder / name).mkdir()
+        (folder / name / peft_format.CONFIG).write_text('{"peft_type": "PROMPT_TUNING"}')
+        if weights:
+            torch.save({"prompt_embeddings": cells}, folder / name / weights)
+        else:
+            _sparse_safetensors(
+                folder / name / peft_format.WEIGHTS, "prompt_embeddings", (8192, 16384)
+            )
+    _sparse_safetensors(folder / "sparse.safetensors", "soft_prompt", (8192, 16384))
+    # a few hundred KB that deflate to a tensor.npy of 256 MB claiming 20,000 rows, and of
+    # 512 MB (inside the old limit) claiming a plausible shape
+    for name, shape in (("deflate.zip", (20_000, 3_200)), ("deflate.mtjsp", (8192, 16368))):
+        with zipfile.ZipFile(folder / name, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+            with z.open("tensor.npy", "w", force_zip64=True) as fh:
+                _npy_bomb(fh, shape)
+            if name.endswith(".mtjsp"):  # mtj-softtuner's NPZ
+                step = io.BytesIO()
+                np.save(step, np.uint32(1))
+                z.writestr("step.npy", step.getvalue())
+    return sorted(p for p in folder.iterdir() if p.name != "warm")
+
+
+# Loads each file named on the command line in this one process and reports, as JSON, what
+# happened and how far the peak RSS rose above what loading a small valid file needed.
+RSS_CHILD = """
+import json, resource, sys
+from softprompt.formats import load_any
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+for warm in sys.argv[1].split(","):
+    load_any(warm)  # imports and first-use allocations are not the bomb's
+base, out = peak_mb(), []
+for path in sys.argv[2:]:
+    try:
+        result = "loaded %s" % (tuple(load_any(path).tensor.shape),)
+    except Exception as e:
+        result = "%s: %s" % (type(e).__name__, e)
+    out.append([path, result, round(peak_mb() - base)])
+print(json.dumps(out))
+"""
+
+
+def test_memory_bombs_are_refused_before_anything_is_allocated(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    for name, data in VALID.items():
+        (warm / name).write_bytes(data)
+    (warm / "adapter").mkdir()
+    for name, data in PEFT.items():
+        (warm / "adapter" / name).write_bytes(data)
+    bombs = _bomb_files(tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RSS_CHILD,
+            ",".join(str(p) for p in warm.iterdir()),
+            *map(str, bombs),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    assert len(results) == len(bombs) == 8
+    for path, result, grew_mb in results:
+        assert result.startswith("FormatError: "), (path, result)
+        assert "\n" not in result and Path(path).name in result, result
+        assert "at most" in result or "allowed" in result, result  # says what the limit is
+        assert grew_mb < 48, (path, grew_mb, result)
+
+
+def test_the_largest_soft_prompt_loads_and_one_larger_is_refused(tmp_path):
+    from softprompt.formats.common import (
+        MAX_LOAD_NUMBERS,
+        MAX_LOAD_TOKENS,
+        MAX_LOAD_WIDTH,
+        check_shape,
+    )
+
+    for shape in ((MAX_LOAD_TOKENS, 1), (1, MAX_LOAD_WIDTH), (1024, MAX_LOAD_WIDTH)):
+        check_shape(shape, "x")
+    for shape in ((MAX_LOAD_TOKENS + 1, 1), (1, MAX_LOAD_WIDTH + 1), (1025, MAX_LOAD_WIDTH)):
+        e = fails_cleanly(lambda shape=shape: check_shape(shape, "x"), FormatError)
+        assert f"{MAX_LOAD_NUMBERS:,}" in str(e)
+    # KoboldAI's longest prompt for a model 32,768 wide: one value in the file, 256 MB loaded
+    torch.save({"tensor": torch.ones(1).expand(2047, 32768)}, tmp_path / "big.mtjsp")
+    sp = load_any(tmp_path / "big.mtjsp")
+    assert sp.tensor.shape == (2047, 32768) and sp.tensor.is_contiguous()
+    assert float(sp.tensor[-1, -1]) == 1.0
+
+
+def test_a_zip_tensor_with_a_bad_crc_or_trailing_data_is_refused(tmp_path):
+    with zipfile.ZipFile(io.BytesIO(VALID["p.zip"])) as z:
+        npy, meta = z.read("tensor.npy"), z.read("meta.json")
+    damaged = npy[:-1] + bytes([npy[-1] ^ 1])
+    for name, data, crc in (
+        ("crc.zip", damaged, zipfile.crc32(npy)),
+        ("long.zip", npy + b"!", None),
+    ):
+        with zipfile.ZipFile(tmp_path / name, "w") as z:
+            z.writestr("tensor.npy", data)
+            z.writestr("meta.json", meta)
+        if crc is not None:  # keep the original CRC in both headers: the data no longer matches
+            raw = (tmp_path / name).read_bytes()
+            bad = zipfile.crc32(data).to_bytes(4, "little")
+            (tmp_path / name).write_bytes(raw.replace(bad, crc.to_bytes(4, "little")))
+        fails_cleanly(lambda name=name: load_any(tmp_path / name), FormatError)
+
+
+def test_sparse_and_data_less_tensors_are_refused(tmp_path):
+    # torch.load(weights_only=True) rebuilds these; none has numbers to use as a soft prompt
+    for name, tensor in (
+        ("coo", torch.eye(4, 8).to_sparse()),
+        ("meta", torch.empty(4, 8, device="meta")),
+    ):
+        torch.save({"tensor": tensor}, tmp_path / f"{name}.mtjsp")
+        (tmp_path / name).mkdir()
+        (tmp_path / name / peft_format.CONFIG).write_text('{"peft_type": "PROMPT_TUNING"}')
+        torch.save({"prompt_embeddings": tensor}, tmp_path / name / "adapter_model.bin")
+        for path in (tmp_path / f"{name}.mtjsp", tmp_path / name):
+            e = fails_cleanly(lambda path=path: load_any(path), FormatError)
+            assert "dense" in str(e), str(e)
+
+
+# ----------------------------------------------------------------------------- code in pickles
+
+
+class _RunsCode:
+    """Unpickling this calls os.system, which would create ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def _pickles_with_code(folder: Path, marker: Path) -> list[Path]:
+    """Every place a torch pickle is read, each holding a call of os.system."""
+    code = _RunsCode(marker)
+    torch.save({"tensor": code}, folder / "zip.mtjsp")
+    torch.save({"tensor": code}, folder / "legacy.mtjsp", _use_new_zipfile_serialization=False)
+    (folder / "adapter").mkdir()
+    (folder / "adapter" / peft_format.CONFIG).write_text('{"peft_type": "PROMPT_TUNING"}')
+    torch.save({"prompt_embeddings": code}, folder / "adapter" / "adapter_model.bin")
+    blob = io.BytesIO()
+    torch.save(code, blob, _use_new_zipfile_serialization=False)
+
+    class InTheStorage:  # mkultra's tensor pickle, its storage bytes a torch.save stream
+        def __reduce__(self):
+            return (torch.storage._load_from_bytes, (blob.getvalue(),))
+
+    for name, obj in (("direct.json", code), ("storage.json", InTheStorage())):
+        raw = pickle.dumps(obj, protocol=4)
+        (folder / name).write_text(
+            json.dumps({"metadata": {}, "tensor": base64.b64encode(raw).decode()})
+        )
+    return [
+        folder / n for n in ("zip.mtjsp", "legacy.mtjsp", "adapter", "direct.json", "storage.json")
+    ]
+
+
+def test_pickled_code_is_refused_saying_what_and_why(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    for path in _pickles_with_code(tmp_path, marker):
+        e = fails_cleanly(lambda path=path: load_any(path), FormatError)
+        msg = str(e)
+        assert path.name in msg and "holds code (posix.system), which softprompt never runs" in msg
+        for advice in ("weights_only` set to `False", "weights_only=False", "Re-running"):
+            assert advice not in msg, msg
+        code = main(["inspect", str(path)])
+        err = capsys.readouterr().err
+        _one_error_line(code, err)
+        assert "posix.system" in err and "weights_only` set" not in err
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(_RunsCode(marker)))  # the control: a plain unpickler runs it
+    assert marker.exists()
+
+
+# ----------------------------------------------------------------------------- deep JSON
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def _kobold_zip(path: Path, meta_json: str, tensor: np.ndarray | None = None) -> Path:
+    buf = io.BytesIO()
+    np.save(buf, np.ones((2, 8), np.float32) if tensor is None else tensor)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("tensor.npy", buf.getvalue())
+        z.writestr("meta.json", meta_json)
+    return path
+
+
+def _deep_json_files(folder: Path) -> list[Path]:
+    """A 100,000-deep JSON array in every place a soft prompt file holds JSON."""
+    from safetensors.torch import save_file
+
+    tensor = torch.ones(2, 8)
+    files = [_kobold_zip(folder / "meta.zip", '{"name": "x", "extra": ' + DEEP + "}")]
+    files.append(folder / "mkultra.json")
+    files[-1].write_text(
+        '{"metadata": '
+        + DEEP
+        + ', "tensor": "'
+        + base64.b64encode(pickle.dumps(tensor, protocol=4)).decode()
+        + '"}'
+    )
+    save_file({"soft_prompt": tensor}, folder / "meta.safetensors", metadata={"meta": DEEP})
+    files.append(folder / "meta.safetensors")
+    header = b'{"__metadata__": %s}' % DEEP.encode()
+    (folder / "header.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    files.append(folder / "header.safetensors")
+    for name, config, metadata in (
+        ("config_adapter", '{"peft_type": "PROMPT_TUNING", "x": ' + DEEP + "}", {}),
+        ("meta_adapter", '{"peft_type": "PROMPT_TUNING"}', {"softprompt_meta": DEEP}),
+    ):
+        (folder / name).mkdir()
+        (folder / name / peft_format.CONFIG).write_text(config)
+        save_file(
+            {"prompt_embeddings": tensor}, folder / name / peft_format.WEIGHTS, metadata=metadata
+        )
+        files.append(folder / name)
+    return files
+
+
+def test_deeply_nested_json_is_a_one_line_error(tmp_path, capsys):
+    for path in _deep_json_files(tmp_path):
+        e = fails_cleanly(lambda path=path: load_any(path), FormatError)
+        assert path.name in str(e), str(e)
+        code = main(["inspect", str(path)])
+        _one_error_line(code, capsys.readouterr().err)
+        code = main(["convert", str(path), str(tmp_path / "out.zip")])
+        _one_error_line(code, capsys.readouterr().err)
+        assert not (tmp_path / "out.zip").exists()
+
+
+def test_serve_answers_4xx_for_a_soft_prompt_with_deep_json(tiny_llama, tmp_path):
+    import http.client
+
+    from softprompt.serve import Server
+
+    dim = tiny_llama.embed_dim
+    _kobold_zip(tmp_path / "deep.zip", DEEP, np.ones((2, dim), np.float32))
+    srv = Server(tiny_llama, tmp_path, port=0)
+    srv.start()
+    try:
+        for method, route, body in (
+            ("PUT", "/api/v1/config/soft_prompt", {"value": "deep.zip"}),
+            (
+                "POST",
+                "/api/v1/generate",
+                {"prompt": "x", "max_length": 2, "soft_prompt": "deep.zip"},
+            ),
+        ):
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+            conn.request(method, route, json.dumps(body), {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            answer = resp.read().decode()
+            conn.close()
+            assert 400 <= resp.status < 500, (route, resp.status, answer)
+            assert "deep.zip" in answer and "internal" not in answer, answer
+    finally:
+        srv.close()
+
+
+# ----------------------------------------------------------------------------- what is printed
+
+# a shared file's metadata trying to retitle the terminal, clear it, and overwrite a line
+SHOWN = {
+    "name": "\x1b]0;owned\x07name",
+    "description": "\x1b[2J\rfits: yes\x9b31m",
+    "author": "me\u202eevil",
+    "supported": ["\x1b[1mmodel"],
+    "extra": {"k\x1b": "v\r"},
+}
+RAW = ("\x1b", "\r", "\x07", "\x9b", "\u202e")
+
+
+def test_inspect_and_convert_show_control_characters_escaped(tmp_path, capsys):
+    sp = SoftPrompt(torch.ones(2, 8), dict(SHOWN))
+    path = tmp_path / "x\x1b[2J.zip"
+    kobold.save(sp, path)
+    code, out = main(["inspect", str(path)]), capsys.readouterr().out
+    assert code == 0 and not any(c in out for c in RAW), repr(out)
+    assert "\\x1b]0;owned\\x07name" in out and "\\x1b[2J\\rfits: yes" in out and "\\u202e" in out
+    code, out = main(["inspect", str(path), "--json"]), capsys.readouterr().out
+    assert code == 0 and not any(c in out for c in RAW), repr(out)
+    info = json.loads(out)  # escaped, yet the same text
+    assert info["name"] == SHOWN["name"] and info["meta"]["description"] == SHOWN["description"]
+    code, out = main(["convert", str(path), str(tmp_path / "y\r.safetensors")]), capsys.readouterr()
+    assert code == 0 and not any(c in out.out + out.err for c in RAW), repr(out)
+    assert load_any(tmp_path / "y\r.safetensors").meta["author"] == SHOWN["author"]
+    (tmp_path / "z\x1b.zip").write_bytes(b"not a zip")  # and in an error
+    code, err = main(["inspect", str(tmp_path / "z\x1b.zip")]), capsys.readouterr().err
+    _one_error_line(code, err)
+    assert "\x1b" not in err and "z\\x1b.zip" in err
+
+
+def test_serve_lists_no_names_with_control_characters(tiny_llama, tmp_path):
+    from softprompt.serve import Server
+
+    sp = SoftPrompt(torch.ones(2, tiny_llama.embed_dim), dict(SHOWN))
+    for name in ("ok.zip", "bad\x1b[2J.zip", "bad\r.zip", "bad\x9b.zip", "bad\u202e.zip"):
+        kobold.save(sp, tmp_path / name)
+    srv = Server(tiny_llama, tmp_path, port=0)
+    assert srv.list_soft_prompts() == ["ok.zip"]
+
+
+# ----------------------------------------------------------------------------- zip entries
+
+
+@pytest.mark.parametrize("name, member", [("p.zip", "meta.json"), ("npz.mtjsp", "tensor.npy")])
+def test_zip_with_a_duplicate_entry_name_is_refused(tmp_path, name, member):
+    path = tmp_path / name
+    with zipfile.ZipFile(io.BytesIO(VALID[name])) as src, zipfile.ZipFile(path, "w") as z:
+        for info in src.infolist():
+            z.writestr(info.filename, src.read(info))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zipfile warns about the duplicate it writes
+            z.writestr(member, src.read(member))
+    e = fails_cleanly(lambda: load_any(path), FormatError)
+    assert name in str(e) and f"{member!r} twice" in str(e), str(e)
+
+
+def test_zip_with_an_encrypted_entry_is_refused(tmp_path):
+    raw = bytearray(VALID["p.zip"])
+    entry = raw.index(b"PK\x01\x02")  # the directory's first entry: tensor.npy
+    raw[entry + 8] |= 0x1  # its "encrypted" flag bit
+    (tmp_path / "p.zip").write_bytes(bytes(raw))
+    e = fails_cleanly(lambda: load_any(tmp_path / "p.zip"), FormatError)
+    assert "'tensor.npy' is encrypted" in str(e), str(e)

@@ -20,10 +20,14 @@ from ..fileio import atomic_write
 from ..soft_prompt import SoftPrompt
 from .common import (
     KOBOLD_MAX_TOKENS,
+    MAX_TENSOR_BYTES,
     NPY_ERRORS,
     ZIP_DATA_ERRORS,
+    check_shape,
     check_tensor,
     check_zip,
+    member_info,
+    parse_json,
     printable,
     read_member,
     stored_meta,
@@ -35,7 +39,6 @@ __all__ = ["NAME", "EXTENSIONS", "detect", "load", "save", "check_tensor", "read
 NAME = "kobold"
 EXTENSIONS = (".zip",)
 MAX_TOKENS = KOBOLD_MAX_TOKENS
-MAX_TENSOR_BYTES = 512 * 1024 * 1024
 MAX_META_BYTES = 1024 * 1024
 MAX_OTHER_BYTES = (
     16 * 1024 * 1024
@@ -62,13 +65,13 @@ def _member(z: zipfile.ZipFile, name: str, limit: int, path: Path) -> bytes:
 
 def read_npy(data: bytes, where: str) -> np.ndarray:
     """A float32 or float16 array from .npy bytes (bfloat16 ``V2`` becomes float32)."""
-    return load_npy(data, where)[0]
+    return load_npy(io.BytesIO(data), len(data), where)[0]
 
 
-def load_npy(data: bytes, where: str, what: str = "tensor.npy") -> tuple[np.ndarray, str]:
-    """The array of .npy bytes and the dtype it was stored in. The header is checked against
-    the data's size before anything is allocated, and object arrays (pickles) are refused."""
-    fh = io.BytesIO(data)
+def load_npy(fh, size: int, where: str, what: str = "tensor.npy") -> tuple[np.ndarray, str]:
+    """The soft prompt array of the .npy stream ``fh`` of ``size`` bytes, and the dtype it was
+    stored in. The header's shape and dtype are checked before the data is read, so nothing
+    larger than a soft prompt is allocated; object arrays (pickles) are never loaded."""
     try:
         version = np.lib.format.read_magic(fh)
         reader = (
@@ -78,36 +81,48 @@ def load_npy(data: bytes, where: str, what: str = "tensor.npy") -> tuple[np.ndar
         )
         shape, _, dtype = reader(fh)
         need = math.prod(int(n) for n in shape) * dtype.itemsize  # exact: no int64 wrap-around
-        if need > len(data) - fh.tell():
+        if need > size - fh.tell():
             raise ValueError(
-                f"its header promises {need} bytes of data but {len(data) - fh.tell()} follow"
+                f"its header promises {need} bytes of data but {size - fh.tell()} follow"
             )
+        if dtype not in (np.float32, np.float16, np.dtype("V2")):
+            raise FormatError(
+                f"{where}: {what} has dtype {printable(dtype, 40)}; expected float32, float16 or bfloat16"
+            )
+        check_shape(shape, where)
         fh.seek(0)
-        arr = np.load(fh, allow_pickle=False)
+        arr = np.lib.format.read_array(fh, allow_pickle=False)
+        if fh.read(1):  # and reading to the end checks a zip entry's CRC
+            raise ValueError("more data follows the array than its header describes")
     except NPY_ERRORS as e:
         raise FormatError(
             f"{where}: {what} is not a readable .npy array ({printable(e)})"
         ) from None
     if arr.dtype == np.dtype("V2"):  # bfloat16 stored raw: its bits are the top half of a float32
         return (arr.view(np.uint16).astype(np.uint32) << 16).view(np.float32), "bfloat16"
-    if arr.dtype not in (np.float32, np.float16):
-        raise FormatError(
-            f"{where}: {what} has dtype {arr.dtype}; expected float32, float16 or bfloat16"
-        )
     return arr, str(arr.dtype)
+
+
+def read_tensor(z: zipfile.ZipFile, name: str, path: Path, what: str) -> tuple[np.ndarray, str]:
+    """``load_npy`` of the zip entry ``name``, read as a stream: what it unpacks to is bounded
+    by the soft prompt its header claims, whatever the zip's directory says."""
+    info = member_info(z, name, MAX_TENSOR_BYTES, path, what)
+    with z.open(info) as fh:
+        return load_npy(fh, info.file_size, str(path), name)
 
 
 def load(path: Path) -> SoftPrompt:
     try:
         with zipfile.ZipFile(path) as z:
             check_zip(z, path, MAX_TENSOR_BYTES + MAX_META_BYTES + MAX_OTHER_BYTES)
-            tensor_bytes = _member(z, "tensor.npy", MAX_TENSOR_BYTES, path)
+            arr, file_dtype = read_tensor(z, "tensor.npy", path, "KoboldAI soft prompt zip")
             meta = {}
             if "meta.json" in z.namelist():
-                try:
-                    meta = json.loads(_member(z, "meta.json", MAX_META_BYTES, path).decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise FormatError(f"{path}: meta.json is not valid UTF-8 JSON ({e})") from None
+                meta = parse_json(
+                    _member(z, "meta.json", MAX_META_BYTES, path),
+                    f"{path}: meta.json",
+                    "a JSON object with the name, description, author and supported models",
+                )
                 if not isinstance(meta, dict):
                     raise FormatError(f"{path}: meta.json is not a JSON object")
     except (
@@ -119,13 +134,12 @@ def load(path: Path) -> SoftPrompt:
         *ZIP_DATA_ERRORS,
     ) as e:
         raise FormatError(f"{path} is not a readable zip file ({printable(e)})") from None
-    arr, file_dtype = load_npy(tensor_bytes, str(path))
     check_tensor(arr, str(path))
     warn_kobold_length(arr.shape[0], str(path))
     meta = dict(meta)
     meta["format"] = NAME
     meta["file_dtype"] = file_dtype
-    return SoftPrompt(torch.from_numpy(arr.astype(np.float32)), meta)
+    return SoftPrompt(torch.from_numpy(arr.astype(np.float32, copy=False)), meta)
 
 
 def meta_json(sp: SoftPrompt) -> dict:

@@ -15,7 +15,6 @@ import base64
 import binascii
 import collections
 import io
-import json
 import pickle
 from pathlib import Path
 
@@ -24,11 +23,20 @@ import torch._utils
 
 from ..errors import FormatError
 from ..soft_prompt import SoftPrompt
-from .common import check_tensor, printable, torch_load, torch_load_reason, warn_kobold_length
+from .common import (
+    MAX_TENSOR_BYTES,
+    holds_code,
+    parse_json,
+    printable,
+    soft_prompt_tensor,
+    torch_load,
+    torch_load_reason,
+    warn_kobold_length,
+)
 
 NAME = "mkultra"
 EXTENSIONS = (".json",)
-MAX_FILE_BYTES = 512 * 1024 * 1024
+MAX_FILE_BYTES = MAX_TENSOR_BYTES * 3 // 2  # base64 makes 3 bytes 4; metadata is small
 WHAT = 'mkultra soft prompt (JSON with "metadata" and a base64 "tensor")'
 
 
@@ -45,7 +53,7 @@ def _load_storage(blob: bytes):
         storage = torch_load(io.BytesIO(bytes(blob)))
     except Exception as e:
         raise UnsafePickle(
-            f"its tensor storage does not load safely ({torch_load_reason(e)})"
+            f"its tensor storage does not load safely: {torch_load_reason(e)}"
         ) from None
     if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
         raise UnsafePickle(f"its storage is a {type(storage).__name__}")
@@ -76,7 +84,7 @@ class TensorUnpickler(pickle.Unpickler):
         try:
             return ALLOWED[(module, name)]
         except KeyError:
-            raise UnsafePickle(f"it wants to call {printable(f'{module}.{name}')}") from None
+            raise UnsafePickle(holds_code(f"{module}.{name}")) from None
 
     def persistent_load(self, pid):
         raise UnsafePickle("it uses persistent ids")
@@ -116,24 +124,19 @@ def load(path: Path) -> SoftPrompt:
         raise FormatError(
             f"{path} is {size} bytes, more than the {MAX_FILE_BYTES} allowed for an {WHAT}"
         )
-    try:
-        doc = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path} is not valid JSON ({e}): expected an {WHAT}") from None
+    doc = parse_json(path.read_bytes(), str(path), f"an {WHAT}")
     if not isinstance(doc, dict) or not isinstance(doc.get("tensor"), str):
         raise FormatError(f'{path} has no base64 "tensor" string: expected an {WHAT}')
     try:
         raw = base64.b64decode(doc["tensor"], validate=True)
     except (binascii.Error, ValueError) as e:
         raise FormatError(f'{path}: "tensor" is not valid base64 ({e})') from None
-    tensor = unpickle_tensor(raw, str(path)).detach()
+    # Rebuilding a pickled tensor only makes a view of its storage (whose bytes are in the
+    # file), so the shape it claims is checked here, before soft_prompt_tensor copies it out.
+    tensor = unpickle_tensor(raw, str(path))
     if tensor.dim() == 3 and tensor.shape[0] == 1:  # mkultra keeps a batch dimension
         tensor = tensor[0]
-    if not tensor.is_floating_point():
-        raise FormatError(f"{path}: the tensor has dtype {tensor.dtype}; expected floats")
-    file_dtype = str(tensor.dtype).removeprefix("torch.")
-    tensor = tensor.float()
-    check_tensor(tensor.numpy(), str(path))
+    tensor, file_dtype = soft_prompt_tensor(tensor, str(path))
     warn_kobold_length(tensor.shape[0], str(path))
     metadata = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
     meta = {k: v for k, v in metadata.items() if isinstance(k, str)}

@@ -21,22 +21,24 @@ import torch
 from ..errors import FormatError
 from ..soft_prompt import SoftPrompt
 from .common import (
+    MAX_TENSOR_BYTES,
     NPY_ERRORS,
     ZIP_DATA_ERRORS,
     check_tensor,
     check_zip,
     printable,
     read_member,
+    soft_prompt_tensor,
     torch_load,
     torch_load_reason,
     warn_kobold_length,
 )
-from .kobold import load_npy
+from .kobold import read_tensor
 
 NAME = "mtjsp"
 EXTENSIONS = (".mtjsp",)
-MAX_TENSOR_BYTES = 512 * 1024 * 1024
-# opt_state (Adam moments) is a few times the tensor; it is never read, only counted.
+# opt_state (Adam's two moments) is twice the tensor; in an NPZ it is never read, only
+# counted, but torch.load reads all of a torch.save file.
 MAX_TOTAL_BYTES = 4 * MAX_TENSOR_BYTES
 MAX_SCALAR_BYTES = 4096
 SCALARS = ("step", "loss", "last_loss", "grad_norm", "grad_norm_micro")
@@ -85,9 +87,7 @@ def load(path: Path) -> SoftPrompt:
 
 
 def _load_npz(z: zipfile.ZipFile, path: Path) -> SoftPrompt:
-    arr, file_dtype = load_npy(
-        read_member(z, "tensor.npy", MAX_TENSOR_BYTES, path, WHAT), str(path), "tensor"
-    )
+    arr, file_dtype = read_tensor(z, "tensor.npy", path, WHAT)
     check_tensor(arr, str(path))
     warn_kobold_length(arr.shape[0], str(path))
     meta: dict = {
@@ -111,7 +111,7 @@ def _load_npz(z: zipfile.ZipFile, path: Path) -> SoftPrompt:
                 f"{path}: {key} should be one number, got {value.dtype} {value.shape}"
             )
         meta[key] = int(value) if key == "step" else float(value)
-    return SoftPrompt(torch.from_numpy(arr.astype(np.float32)), meta)
+    return SoftPrompt(torch.from_numpy(arr.astype(np.float32, copy=False)), meta)
 
 
 def _load_torch(path: Path) -> SoftPrompt:
@@ -123,19 +123,14 @@ def _load_torch(path: Path) -> SoftPrompt:
         obj = torch_load(path)
     except Exception as e:  # weights_only refuses anything but tensors and plain containers
         raise FormatError(
-            f"{path} is not a {WHAT} that loads safely "
-            f"(torch.load with weights_only=True: {torch_load_reason(e)})"
+            f"{path} is not a {WHAT} that loads safely: {torch_load_reason(e)}"
         ) from None
     if not isinstance(obj, dict) or not isinstance(obj.get("tensor"), torch.Tensor):
         raise FormatError(f"{path} holds no 'tensor' entry: expected a {WHAT}")
-    tensor = obj["tensor"].detach()
+    tensor = obj["tensor"]
     if tensor.dim() == 3 and tensor.shape[0] == 1:
-        tensor = tensor[0]
-    if not tensor.is_floating_point():
-        raise FormatError(f"{path}: the tensor has dtype {tensor.dtype}; expected floats")
-    file_dtype = str(tensor.dtype).removeprefix("torch.")
-    tensor = tensor.float()
-    check_tensor(tensor.numpy(), str(path))
+        tensor = tensor[0]  # a view: nothing is copied before soft_prompt_tensor's checks
+    tensor, file_dtype = soft_prompt_tensor(tensor, str(path))
     warn_kobold_length(tensor.shape[0], str(path))
     meta: dict = {
         "name": path.stem,

@@ -12,7 +12,14 @@ import torch
 from ..errors import FormatError
 from ..fileio import atomic_write
 from ..soft_prompt import SoftPrompt
-from .common import check_tensor, printable, stored_meta
+from .common import (
+    check_shape,
+    check_tensor,
+    parse_json,
+    printable,
+    soft_prompt_tensor,
+    stored_meta,
+)
 
 NAME = "safetensors"
 EXTENSIONS = (".safetensors",)
@@ -48,32 +55,23 @@ def load(path: Path) -> SoftPrompt:
                 raise FormatError(
                     f"{path} holds no soft prompt tensor (expected {TENSOR_KEY!r}); it has {keys[:5]}"
                 )
+            check_shape(f.get_slice(key).get_shape(), str(path))  # before reading the data
             tensor = f.get_tensor(key)
             raw_meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise FormatError(
             f"{path} is not a readable .safetensors file ({printable((str(e).strip() or type(e).__name__).splitlines()[0])})"
         ) from None
-    meta: dict = {}
+    meta = {}
     if "meta" in raw_meta:
-        try:
-            meta = json.loads(raw_meta["meta"])
-        except json.JSONDecodeError:
-            meta = {}
+        meta = parse_json(raw_meta["meta"], f'{path}: "meta" in its header', "the metadata as JSON")
     if not isinstance(meta, dict):
         meta = {}
     for k in FLAT_KEYS:
         if k in raw_meta and k not in meta:
             meta[k] = raw_meta[k]
-    if not tensor.is_floating_point():
-        raise FormatError(
-            f"{path}: the soft prompt tensor has dtype {tensor.dtype}; expected floats"
-        )
-    raw_dtype = tensor.dtype
-    tensor = tensor.float()
-    check_tensor(tensor.numpy(), str(path))
+    tensor, meta["file_dtype"] = soft_prompt_tensor(tensor, str(path))
     meta["format"] = NAME
-    meta["file_dtype"] = str(raw_dtype).removeprefix("torch.")
     return SoftPrompt(tensor, meta)
 
 

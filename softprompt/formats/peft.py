@@ -10,7 +10,6 @@ PEFT itself is not needed to read or write the folder.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -22,8 +21,12 @@ import torch
 from ..errors import FormatError
 from ..soft_prompt import SoftPrompt
 from .common import (
+    MAX_TENSOR_BYTES,
+    check_shape,
     check_tensor,
+    parse_json,
     printable,
+    soft_prompt_tensor,
     stored_meta,
     torch_load,
     torch_load_reason,
@@ -37,7 +40,6 @@ WEIGHTS = "adapter_model.safetensors"
 LEGACY_WEIGHTS = "adapter_model.bin"
 TENSOR_KEY = "prompt_embeddings"
 MAX_CONFIG_BYTES = 1024 * 1024
-MAX_WEIGHTS_BYTES = 512 * 1024 * 1024
 # What may already be in a folder we replace: an older adapter, nothing of the user's.
 REPLACEABLE = {CONFIG, WEIGHTS, LEGACY_WEIGHTS, "README.md"}
 WHAT = "PEFT prompt-tuning adapter folder (adapter_config.json + adapter_model.safetensors)"
@@ -53,10 +55,7 @@ def _read_config(folder: Path) -> dict:
         raise FormatError(
             f"{cfg_path} is larger than {MAX_CONFIG_BYTES} bytes: not a PEFT adapter config"
         )
-    try:
-        cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{cfg_path} is not valid JSON ({e}): expected a {WHAT}") from None
+    cfg = parse_json(cfg_path.read_bytes(), str(cfg_path), f"a {WHAT}")
     if not isinstance(cfg, dict):
         raise FormatError(f"{cfg_path} is not a JSON object: expected a {WHAT}")
     kind = cfg.get("peft_type")
@@ -76,11 +75,7 @@ def load(path: Path) -> SoftPrompt:
         tensor, header = _read_bin(folder / LEGACY_WEIGHTS), {}
     else:
         raise FormatError(f"{folder} has no {WEIGHTS}: expected a {WHAT}")
-    if not tensor.is_floating_point():
-        raise FormatError(f"{folder}: {TENSOR_KEY} has dtype {tensor.dtype}; expected floats")
-    file_dtype = str(tensor.dtype).removeprefix("torch.")
-    tensor = tensor.float()
-    check_tensor(tensor.numpy(), str(folder))
+    tensor, file_dtype = soft_prompt_tensor(tensor, str(folder))
     subs = cfg.get("num_transformer_submodules") or 1
     if subs != 1:
         raise FormatError(
@@ -97,10 +92,13 @@ def load(path: Path) -> SoftPrompt:
     warn_kobold_length(n, str(folder))
     meta: dict = {}
     if "softprompt_meta" in header:
-        with contextlib.suppress(json.JSONDecodeError, TypeError):
-            loaded = json.loads(header["softprompt_meta"])
-            if isinstance(loaded, dict):
-                meta = loaded
+        loaded = parse_json(
+            header["softprompt_meta"],
+            f"{folder}: softprompt_meta in {WEIGHTS}",
+            "the soft prompt's metadata as JSON",
+        )
+        if isinstance(loaded, dict):
+            meta = loaded
     meta.setdefault("name", folder.name)
     base = cfg.get("base_model_name_or_path")
     if base and not meta.get("supported"):
@@ -119,6 +117,7 @@ def _read_safetensors(path: Path) -> tuple[torch.Tensor, dict]:
                 raise FormatError(
                     f"{path} holds no {TENSOR_KEY!r} tensor: expected a PEFT prompt-tuning adapter"
                 )
+            check_shape(f.get_slice(TENSOR_KEY).get_shape(), str(path))  # before reading it
             return f.get_tensor(TENSOR_KEY), dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise FormatError(
@@ -127,16 +126,16 @@ def _read_safetensors(path: Path) -> tuple[torch.Tensor, dict]:
 
 
 def _read_bin(path: Path) -> torch.Tensor:
-    if path.stat().st_size > MAX_WEIGHTS_BYTES:
+    """The tensor of a ``torch.save`` file: still a view of what torch.load read, so that
+    ``soft_prompt_tensor`` checks its shape before copying it out."""
+    if path.stat().st_size > MAX_TENSOR_BYTES:
         raise FormatError(
-            f"{path} is larger than the {MAX_WEIGHTS_BYTES} bytes allowed for a prompt adapter"
+            f"{path} is larger than the {MAX_TENSOR_BYTES} bytes allowed for a prompt adapter"
         )
     try:
         state = torch_load(path)
     except Exception as e:
-        raise FormatError(
-            f"{path} does not load safely (torch.load with weights_only=True: {torch_load_reason(e)})"
-        ) from None
+        raise FormatError(f"{path} does not load safely: {torch_load_reason(e)}") from None
     if not isinstance(state, dict) or not isinstance(state.get(TENSOR_KEY), torch.Tensor):
         raise FormatError(
             f"{path} holds no {TENSOR_KEY!r} tensor: expected a PEFT prompt-tuning adapter"
