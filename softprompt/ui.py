@@ -564,28 +564,29 @@ class Generator:
 
     def compare(self, run_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
         from .generate import generate
+        from .sampling import SamplingOptions
         from .soft_prompt import SoftPrompt
 
         prompt = request.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError("type a prompt first")
         opts = {}
-        for key, kind, default in (
-            ("max_new_tokens", int, 60),
-            ("temperature", float, 0.8),
-            ("top_p", float, 0.95),
-            ("repetition_penalty", float, 1.1),
-            ("seed", int, 0),
+        for key, kind in (
+            ("max_new_tokens", int),
+            ("temperature", float),
+            ("top_p", float),
+            ("repetition_penalty", float),
+            ("seed", int),
         ):
             value = request.get(key)
             if value is None or value == "":
-                opts[key] = default
                 continue
             try:
                 opts[key] = kind(value)
             except (TypeError, ValueError):
                 raise ConfigError(f"{key.replace('_', ' ')} must be a number") from None
-        if opts["max_new_tokens"] > 1000:
+        options = SamplingOptions(**opts).check()
+        if options.max_new_tokens > 1000:
             raise ConfigError("max new tokens: at most 1000 here")
         out = run_dir / OUT
         cfg = TrainConfig(**read_toml(out / CONFIG_FILE))
@@ -593,13 +594,13 @@ class Generator:
         with self._lock:
             lm = self.model(cfg)
             t0 = time.perf_counter()
-            with_sp = generate(lm, prompt, sp, **opts)
-            without = generate(lm, prompt, None, **opts)
+            with_sp = generate(lm, prompt, sp, options)
+            without = generate(lm, prompt, None, options)
         return {
             "prompt": prompt,
             "with": with_sp,
             "without": without,
-            "seed": opts["seed"],
+            "seed": options.seed,
             "model": lm.name,
             "seconds": time.perf_counter() - t0,
         }

@@ -74,7 +74,15 @@ def test_typical_matches_model_generate(tiny_llama):
     ids = lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     ours = list(
         stream_ids(
-            lm, ids, _empty(lm), max_new_tokens=20, seed=3, temperature=1.0, top_p=1.0, typical=0.8
+            lm,
+            ids,
+            _empty(lm),
+            max_new_tokens=20,
+            seed=3,
+            temperature=1.0,
+            top_p=1.0,
+            typical=0.8,
+            repetition_penalty=1.0,
         )
     )
     torch.manual_seed(3)
@@ -98,7 +106,9 @@ def test_soft_prompt_is_the_only_difference(tiny_llama):
     head = lm.tokenizer(" Chapter one. ", add_special_tokens=False)["input_ids"]
     soft = SoftPrompt(embed_ids(lm.model, torch.tensor(head)))
     for seed in (0, 1):
-        opts = dict(max_new_tokens=25, temperature=1.0, top_p=0.9, seed=seed)
+        opts = dict(
+            max_new_tokens=25, temperature=1.0, top_p=0.9, seed=seed, repetition_penalty=1.0
+        )
         with_soft = generate(lm, PROMPT, soft, **opts)
         hard = generate(lm, " Chapter one. " + PROMPT, None, **opts)
         assert with_soft == hard
@@ -358,10 +368,12 @@ def test_real_model_matches_its_own_generate():
     token embeddings gives exactly what those tokens give as a hard prompt."""
     lm = load_model()
     ids = lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    ours = list(stream_ids(lm, ids, _empty(lm), max_new_tokens=20, temperature=0))
+    ours = list(
+        stream_ids(lm, ids, _empty(lm), max_new_tokens=20, temperature=0, repetition_penalty=1.0)
+    )
     assert ours == _hf_new_ids(lm, ids, max_new_tokens=20, do_sample=False)
     head = lm.tokenizer("Chapter 1\n\n", add_special_tokens=False)["input_ids"]
     soft = embed_ids(lm.model, torch.tensor(head))
-    opts = dict(max_new_tokens=20, temperature=0.8, top_p=0.95, seed=3)
+    opts = dict(max_new_tokens=20, temperature=0.8, top_p=0.95, seed=3, repetition_penalty=1.0)
     with_soft = list(stream_ids(lm, ids, soft, **opts))
     assert with_soft == list(stream_ids(lm, head + ids, _empty(lm), **opts))
