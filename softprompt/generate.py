@@ -20,9 +20,9 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -32,6 +32,13 @@ from .sampling import SamplingOptions, resolve
 from .soft_prompt import SoftPrompt, _logits_kwarg, prepend
 
 log = logging.getLogger(__name__)
+
+
+class Cancel(Protocol):
+    """What stops a stream between two tokens once set: a ``threading.Event``, or anything
+    with its ``is_set`` (``serve`` also looks at the client's connection there)."""
+
+    def is_set(self) -> bool: ...
 
 
 def soft_tensor(lm: LoadedModel, soft_prompt: SoftPrompt | torch.Tensor | None) -> torch.Tensor:
@@ -104,7 +111,7 @@ def stream_ids(
     *,
     stop_at_eos: bool = True,
     ban_eos: bool = False,
-    cancel: threading.Event | None = None,
+    cancel: Cancel | None = None,
     **changes,
 ) -> Iterator[int]:
     """New token ids, one at a time, after the soft prompt ``soft`` (n, d) and ``prompt_ids``
@@ -240,7 +247,7 @@ def stream_text(
     *,
     stop: Sequence[str] = (),
     ban_eos: bool = False,
-    cancel: threading.Event | None = None,
+    cancel: Cancel | None = None,
     progress: Progress | None = None,
 ) -> Iterator[str]:
     """The continuation of ``prompt_ids`` (already fitted to the context) as text pieces;
@@ -275,7 +282,7 @@ def stream(
     options: SamplingOptions | None = None,
     *,
     stop: Sequence[str] = (),
-    cancel: threading.Event | None = None,
+    cancel: Cancel | None = None,
     **changes,
 ) -> Iterator[str]:
     """The continuation of ``prompt`` as text pieces, as they are generated, sampled with

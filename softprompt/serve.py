@@ -53,7 +53,7 @@ import torch
 
 from . import __version__
 from .errors import ConfigError, SoftPromptError
-from .generate import Progress, soft_tensor, stream_text
+from .generate import Cancel, Progress, soft_tensor, stream_text
 from .model import LoadedModel
 from .sampling import FIELDS as SAMPLING_FIELDS
 from .sampling import SamplingOptions
@@ -443,7 +443,7 @@ def _sampling_value(f: _Fields, name: str, key: str, max_length_limit: int | Non
         if order is not None and sorted(order) == list(range(6)):
             return (6, *order)
         return tuple(order) if order is not None else None
-    integral = "int" in str(SAMPLING_FIELDS[name].type)
+    integral = type(SAMPLING_FIELDS[name].default) is int
     value = (f.integer if integral else f.number)(key, None)
     if name in ("top_p", "typical") and value == 0:
         return 1.0  # KoboldAI clients send 0 for "off", as 1
@@ -455,9 +455,7 @@ def parse_sampling(
 ) -> SamplingOptions:
     """The SamplingOptions of a request body (``keys``: field -> request keys), with
     ``defaults`` for fields the request leaves out; each bad value is noted under its key."""
-    values, key_of = dict(defaults), {}
-    if "seed" not in values:
-        values["seed"] = random.randrange(2**63)
+    values, key_of = {"seed": random.randrange(2**63), **defaults}, {}
     for name, candidates in keys.items():
         key = next((k for k in candidates if f.body.get(k) is not None), None)
         if key is None:
@@ -769,7 +767,7 @@ class Server:
         ids = memory + prompt or [self.lm.eos_token_id]
         return _Job(ids, soft, req)
 
-    def pieces(self, job: _Job, seed: int, progress: Progress, cancel) -> Iterator[str]:
+    def pieces(self, job: _Job, seed: int, progress: Progress, cancel: Cancel) -> Iterator[str]:
         """Text pieces of one continuation with ``seed``, as ``softprompt.generate.stream``
         makes them, stopping between tokens once ``cancel`` is set; fills in ``progress``."""
         req = job.req
@@ -958,7 +956,14 @@ class Server:
                     break
         send_json(h, 200, {"results": results})
 
-    def _collect(self, job: _Job, seed: int, progress: Progress, gen: Generation, cancel=None):
+    def _collect(
+        self,
+        job: _Job,
+        seed: int,
+        progress: Progress,
+        gen: Generation,
+        cancel: Cancel | None = None,
+    ):
         """The pieces of one continuation, kept as the generation's text so far; ``cancel``
         (default: the generation's abort flag) stops it."""
         gen.text.clear()

@@ -499,3 +499,13 @@ def test_hanging_up_on_a_non_streamed_request_frees_the_slot(server, slow_tokens
     _wait(lambda: not server.busy(), timeout=5)
     assert time.monotonic() - start < 3  # 200 tokens take 10 s
     assert kobold(server, {"prompt": "x", "max_length": 2})["text"] is not None
+
+
+def test_cli_serve_refuses_a_key_no_client_can_send(tiny_models, capsys):
+    from conftest import assert_one_line_error, run_cli
+
+    base = ("serve", "--model", tiny_models["llama"], "--port", 0)
+    code, _, err = run_cli(capsys, *base, "--api-key", "clé")
+    assert_one_line_error(code, err, "--api-key", "ASCII")
+    code, _, err = run_cli(capsys, *base, "--max-length-limit", 0)
+    assert_one_line_error(code, err, "--max-length-limit")
