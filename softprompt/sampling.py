@@ -22,9 +22,10 @@ temperature before the cut-offs, as Hugging Face ``generate`` and earlier softpr
 seeded samples are the same as before; KoboldCpp's own default (and what KoboldAI Lite and
 SillyTavern send) is ``KOBOLDCPP_ORDER``, with temperature last.
 
-Temperatures below ``GREEDY_BELOW`` are greedy: nothing that small changes which token wins,
-and dividing the logits by it would overflow. Greedy decoding takes the likeliest token after
-the repetition penalty, the other samplers cannot change it.
+Temperatures below ``GREEDY_BELOW`` are greedy: that cold, sampling picks the likeliest token
+anyway, and dividing by the coldest (1e-300) overflows. Greedy decoding takes the likeliest
+token after the repetition penalty; the cut-offs always keep that token (but typical, which
+greedy skips), so they are skipped too.
 """
 
 from __future__ import annotations
@@ -282,8 +283,9 @@ def _tail_free(z: float) -> Processor:
 
 
 def _repetition(penalty: float, window: int, slope: float) -> Processor:
-    # KoboldCpp keeps a window of exactly `window` tokens (padded when the context is
-    # shorter); its newer half gets the full penalty, the older half the reduced one.
+    # KoboldCpp keeps a window of exactly `window` tokens (padded with token 0 when the
+    # context is shorter; the padding is not penalised here): its newer half gets the full
+    # penalty, the older half the reduced one. A slope of 0 or from 1 up means no reduction.
     reduced = 1 + (penalty - 1) * slope if 0 < slope < 1 else penalty
 
     def repetition(ids, scores):
