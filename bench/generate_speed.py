@@ -122,7 +122,13 @@ def main() -> None:
             return sum(
                 1
                 for _ in stream_ids(
-                    lm, ids, prefix, max_new_tokens=n_new, temperature=0, stop_at_eos=False
+                    lm,
+                    ids,
+                    prefix,
+                    max_new_tokens=n_new,
+                    temperature=0,
+                    repetition_penalty=1.0,  # as model.generate here
+                    stop_at_eos=False,
                 )
             )
 

@@ -157,6 +157,50 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
         )
 
 
+def _sampler_order(text: str) -> tuple[int, ...]:
+    from .sampling import parse_order
+
+    try:
+        return parse_order(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: give sampler ids, e.g. 6,0,1,3,4,2,5"
+        ) from None
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """One flag per field of ``SamplingOptions``, with its help and default."""
+    from dataclasses import fields
+
+    from .sampling import SamplingOptions, flag
+
+    for f in fields(SamplingOptions):
+        default = f.default
+        kind = _sampler_order if f.name == "sampler_order" else type(default)
+        shown = ",".join(map(str, default)) if f.name == "sampler_order" else default
+        help = f.metadata["help"]
+        if f.name == "seed":
+            help += "; sample i of -n uses SEED + i"
+        p.add_argument(
+            flag(f.name),
+            type=kind,
+            default=default,
+            metavar=f.metadata["metavar"],
+            help=f"{help} (default: {shown})",
+        )
+
+
+def sampling_from_args(args: argparse.Namespace):
+    """The checked SamplingOptions of the flags (one line naming every bad one)."""
+    from dataclasses import fields
+
+    from .sampling import SamplingOptions
+
+    return SamplingOptions(
+        **{f.name: getattr(args, f.name) for f in fields(SamplingOptions)}
+    ).check()
+
+
 def load_model_from_args(args: argparse.Namespace):
     """The model named by --model with the options of ``add_device_options``."""
     from .model import load_model
@@ -201,41 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hugging Face id, local folder or .gguf file (default: SmolLM2-135M-Instruct)",
     )
     p.add_argument("--softprompt", metavar="FILE", help="soft prompt file (.zip, .safetensors)")
-    p.add_argument("--max-new-tokens", type=int, default=80, metavar="N", help="(default: 80)")
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=0.8,
-        metavar="T",
-        help="0 for greedy decoding (default: 0.8)",
-    )
-    p.add_argument(
-        "--top-p",
-        type=float,
-        default=0.95,
-        metavar="P",
-        help="nucleus sampling mass, 1 = off (default: 0.95)",
-    )
-    p.add_argument(
-        "--top-k",
-        type=int,
-        default=0,
-        metavar="K",
-        help="keep the K likeliest tokens, 0 = off (default: 0)",
-    )
-    p.add_argument(
-        "--typical",
-        type=float,
-        default=1.0,
-        metavar="P",
-        help="typical sampling mass, 1 = off (default: 1)",
-    )
-    p.add_argument(
-        "--repetition-penalty", type=float, default=1.1, metavar="R", help="1 = off (default: 1.1)"
-    )
-    p.add_argument(
-        "--seed", type=int, default=0, help="sampling seed; sample i uses SEED + i (default: 0)"
-    )
+    add_sampling_options(p)
     p.add_argument(
         "--stop",
         action="append",
@@ -385,17 +395,12 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import check_options, stream
+    from dataclasses import replace
+
+    from .generate import stream
     from .soft_prompt import SoftPrompt
 
-    check_options(
-        args.max_new_tokens,
-        args.temperature,
-        args.top_p,
-        args.top_k,
-        args.typical,
-        args.repetition_penalty,
-    )
+    options = sampling_from_args(args)
     if args.n < 1:
         raise ConfigError("-n must be at least 1")
     if args.compare and not args.softprompt:
@@ -406,28 +411,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
     sp = SoftPrompt.load(args.softprompt) if args.softprompt else None
     lm = load_model_from_args(args)
-    options = dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        typical=args.typical,
-        repetition_penalty=args.repetition_penalty,
-        stop=stops,
-    )
     runs = (
         [(f"with the soft prompt ({sp.name})", sp), ("without", None)]
         if args.compare
         else [("", sp)]
     )
     for i in range(args.n):
+        sample = replace(options, seed=(options.seed + i) % 2**64)
         for title, soft in runs:
             header = ", ".join(x for x in (f"sample {i + 1}" if args.n > 1 else "", title) if x)
             if header:
                 print(f"--- {header}", flush=True)
             if args.echo:
                 sys.stdout.write(prompt)
-            for piece in stream(lm, prompt, soft, seed=args.seed + i, **options):
+            for piece in stream(lm, prompt, soft, sample, stop=stops):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
@@ -638,8 +635,9 @@ def add_serve_command(sub) -> None:
         "--api-key",
         metavar="KEY",
         default=os.environ.get("SOFTPROMPT_API_KEY") or None,
-        help="require `Authorization: Bearer KEY` on every request (default: "
-        "$SOFTPROMPT_API_KEY; none)",
+        help="require `Authorization: Bearer KEY` (printable ASCII) for generating and "
+        "everything but the connection info clients read first (default: $SOFTPROMPT_API_KEY; "
+        "none)",
     )
     p.add_argument(
         "--queue",
@@ -648,6 +646,13 @@ def add_serve_command(sub) -> None:
         metavar="N",
         help="requests that may wait for the running generation; more get 503 (default: 4)",
     )
+    p.add_argument(
+        "--max-length-limit",
+        type=int,
+        metavar="N",
+        help="new tokens a request may ask for at most (default: what the context leaves "
+        "after the soft prompt and one prompt token)",
+    )
     add_device_options(p)
     p.set_defaults(func=cmd_serve)
 
@@ -655,7 +660,8 @@ def add_serve_command(sub) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import Server, check_listen_options, resolve_softprompts
 
-    check_listen_options(args.port, args.queue)  # before the model loads
+    # before the model loads
+    check_listen_options(args.port, args.queue, args.api_key, args.max_length_limit)
     resolve_softprompts(args.softprompts, args.softprompt)
     lm = load_model_from_args(args)
     server = Server(
@@ -666,6 +672,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         api_key=args.api_key,
         queue_size=args.queue,
+        max_length_limit=args.max_length_limit,
     )
     server.bind()
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

@@ -10,9 +10,9 @@ caller's global random state is left alone.
     for piece in stream(lm, "It was a dark night", soft_prompt, stop=["\\n\\n"]):
         ...  # text pieces as they come
 
-The sampling options are the ones KoboldAI users know; they are applied in the order of Hugging
-Face ``generate``: repetition penalty (over the prompt and the new tokens), temperature, top-k,
-top-p, typical. ``temperature=0`` is greedy decoding.
+The sampling options are one ``softprompt.sampling.SamplingOptions`` (KoboldCpp's samplers, in
+its ``sampler_order``); pass one, or change the defaults by keyword. ``temperature=0`` is greedy
+decoding. A ``cancel`` event stops a stream between two tokens.
 """
 
 from __future__ import annotations
@@ -21,50 +21,24 @@ import functools
 import inspect
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from .errors import ConfigError
 from .model import LoadedModel
+from .sampling import SamplingOptions, resolve
 from .soft_prompt import SoftPrompt, _logits_kwarg, prepend
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = dict(
-    max_new_tokens=80,
-    temperature=0.8,
-    top_p=0.95,
-    top_k=0,
-    typical=1.0,
-    repetition_penalty=1.0,
-    seed=0,
-)
 
+class Cancel(Protocol):
+    """What stops a stream between two tokens once set: a ``threading.Event``, or anything
+    with its ``is_set`` (``serve`` also looks at the client's connection there)."""
 
-def check_options(
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    typical: float,
-    repetition_penalty: float,
-) -> None:
-    """Raise one ConfigError naming every bad sampling option."""
-    problems = []
-    if max_new_tokens < 1:
-        problems.append("--max-new-tokens must be at least 1")
-    if not temperature >= 0:
-        problems.append("--temperature must be 0 (greedy) or more, e.g. 0.8")
-    if not 0 < top_p <= 1:
-        problems.append("--top-p must be in (0, 1], e.g. 0.95 (1 turns it off)")
-    if top_k < 0:
-        problems.append("--top-k must be 0 (off) or more")
-    if not 0 < typical <= 1:
-        problems.append("--typical must be in (0, 1], e.g. 0.9 (1 turns it off)")
-    if not repetition_penalty > 0:
-        problems.append("--repetition-penalty must be more than 0 (1 turns it off), e.g. 1.1")
-    if problems:
-        raise ConfigError("; ".join(problems))
+    def is_set(self) -> bool: ...
 
 
 def soft_tensor(lm: LoadedModel, soft_prompt: SoftPrompt | torch.Tensor | None) -> torch.Tensor:
@@ -120,33 +94,6 @@ def eos_ids(lm: LoadedModel) -> set[int]:
     return ids
 
 
-def _processors(
-    temperature: float, top_p: float, top_k: int, typical: float, repetition_penalty: float
-):
-    from transformers import (
-        LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-        TypicalLogitsWarper,
-    )
-
-    procs = LogitsProcessorList()
-    if repetition_penalty != 1.0:
-        procs.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
-    if temperature > 0:
-        if temperature != 1.0:
-            procs.append(TemperatureLogitsWarper(temperature))
-        if top_k:
-            procs.append(TopKLogitsWarper(top_k))
-        if top_p < 1.0:
-            procs.append(TopPLogitsWarper(top_p))
-        if typical < 1.0:
-            procs.append(TypicalLogitsWarper(typical))
-    return procs
-
-
 @functools.lru_cache(maxsize=64)
 def _cache_kwarg(forward_cls: type) -> str:
     """transformers 5.x calls the KV cache argument `cache`; earlier ones `past_key_values`."""
@@ -163,60 +110,58 @@ def stream_ids(
     lm: LoadedModel,
     prompt_ids: Sequence[int],
     soft: torch.Tensor,
+    options: SamplingOptions | None = None,
     *,
-    max_new_tokens: int = 80,
-    temperature: float = 0.8,
-    top_p: float = 0.95,
-    top_k: int = 0,
-    typical: float = 1.0,
-    repetition_penalty: float = 1.0,
-    seed: int = 0,
     stop_at_eos: bool = True,
     ban_eos: bool = False,
+    cancel: Cancel | None = None,
+    **changes,
 ) -> Iterator[int]:
     """New token ids, one at a time, after the soft prompt ``soft`` (n, d) and ``prompt_ids``
-    (which must already fit the context). Stops at EOS (not yielded) or after max_new_tokens;
-    ``ban_eos`` never picks EOS, so it runs to max_new_tokens (KoboldAI's "ban EOS")."""
-    check_options(max_new_tokens, temperature, top_p, top_k, typical, repetition_penalty)
+    (which must already fit the context), sampled with ``options`` (changed by ``changes``).
+    Stops at EOS (not yielded), after max_new_tokens, or between two tokens once ``cancel`` is
+    set; ``ban_eos`` never picks EOS, so it runs to max_new_tokens (KoboldAI's "ban EOS")."""
+    opts = resolve(options, **changes)
     model, device = lm.model, lm.device
-    procs = _processors(temperature, top_p, top_k, typical, repetition_penalty)
-    if ban_eos:
-        from transformers import SuppressTokensLogitsProcessor
-
-        procs.insert(0, SuppressTokensLogitsProcessor(sorted(eos_ids(lm)), device=device))
+    procs = opts.processors(sorted(eos_ids(lm)) if ban_eos else ())
     stops = eos_ids(lm) if stop_at_eos else set()
-    gen = torch.Generator(device=device).manual_seed(seed)
-    n_prompt = len(prompt_ids)
+    gen = torch.Generator(device=device).manual_seed(opts.seed)
+    n_prompt, max_new_tokens = len(prompt_ids), opts.max_new_tokens
     # prompt + new ids, for the repetition penalty (the soft prompt has no ids)
     ids = torch.empty(1, n_prompt + max_new_tokens, dtype=torch.long, device=device)
     ids[0, :n_prompt] = torch.as_tensor(list(prompt_ids), dtype=torch.long)
+    if cancel is not None and cancel.is_set():
+        return
 
     # Grad mode is set per call, never held across a yield (it would leak into the caller).
     with torch.inference_mode():
         embeds = prepend(model, soft, ids[:, :n_prompt])  # (1, n + T, d)
         key, cache_key = _logits_kwarg(type(model)), _cache_kwarg(type(model))
         out = model(inputs_embeds=embeds, use_cache=True, **({key: 1} if key else {}))
-        past, logits = _cache_of(out), out.logits[:, -1].float()  # (1, V)
+        past, scores = _cache_of(out), out.logits[:, -1].float()  # (1, V)
         del out, embeds
     for i in range(max_new_tokens):
         with torch.inference_mode():
-            scores = procs(ids[:, : n_prompt + i], logits) if procs else logits
-            if temperature > 0:
+            for proc in procs:
+                scores = proc(ids[:, : n_prompt + i], scores)
+            if opts.greedy:
+                token = scores.argmax(dim=-1, keepdim=True)  # (1, 1)
+            else:
                 probs = torch.softmax(scores, dim=-1)
                 token = torch.multinomial(probs, 1, generator=gen)  # (1, 1)
-            else:
-                token = scores.argmax(dim=-1, keepdim=True)  # (1, 1)
             ids[:, n_prompt + i] = token[:, 0]
             if i + 1 < max_new_tokens:
                 # Queue the next step before reading the token back, so a GPU is never idle
                 # waiting for the host; at EOS this one step is wasted.
                 out = model(input_ids=token, use_cache=True, **{cache_key: past})
-                past, logits = _cache_of(out), out.logits[:, -1].float()
+                past, scores = _cache_of(out), out.logits[:, -1].float()
                 del out
         value = int(token.item())
         if value in stops:
             return
         yield value
+        if cancel is not None and cancel.is_set():
+            return
 
 
 class Detokenizer:
@@ -287,61 +232,83 @@ def stop_text(pieces: Iterable[str], stop: Sequence[str] = ()) -> Iterator[str]:
         yield pending
 
 
-def stream(
+@dataclass
+class Progress:
+    """What one text stream did, filled in as it runs: new tokens made, and why it ended
+    ("length": it made max_new_tokens tokens; "stop": EOS, a stop string, or cancelled)."""
+
+    tokens: int = 0
+    finish_reason: str = "stop"
+    cancelled: bool = False
+
+
+def stream_text(
     lm: LoadedModel,
-    prompt: str,
-    soft_prompt: SoftPrompt | torch.Tensor | None = None,
+    prompt_ids: Sequence[int],
+    soft: torch.Tensor,
+    options: SamplingOptions | None = None,
     *,
-    max_new_tokens: int = 80,
-    temperature: float = 0.8,
-    top_p: float = 0.95,
-    top_k: int = 0,
-    typical: float = 1.0,
-    repetition_penalty: float = 1.0,
-    seed: int = 0,
     stop: Sequence[str] = (),
+    ban_eos: bool = False,
+    cancel: Cancel | None = None,
+    progress: Progress | None = None,
 ) -> Iterator[str]:
-    """The continuation of ``prompt`` as text pieces, as they are generated. Ends at EOS, at
-    ``max_new_tokens``, or before the first of the ``stop`` strings. The prompt is cut from
-    the left so that soft tokens + prompt + new tokens fit the model's context."""
-    check_options(max_new_tokens, temperature, top_p, top_k, typical, repetition_penalty)
-    if isinstance(stop, str):
-        stop = [stop]
-    soft = soft_tensor(lm, soft_prompt)
-    prompt_ids = encode_prompt(lm, prompt, soft.shape[0], max_new_tokens)
+    """The continuation of ``prompt_ids`` (already fitted to the context) as text pieces;
+    ``stream_ids``'s options, and it ends before the first of the ``stop`` strings."""
+    opts = resolve(options)
+    progress = progress if progress is not None else Progress()
+    tokens = stream_ids(lm, prompt_ids, soft, opts, ban_eos=ban_eos, cancel=cancel)
     detok = Detokenizer(lm.tokenizer, prompt_ids)
-    tokens = stream_ids(
-        lm,
-        prompt_ids,
-        soft,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        typical=typical,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-    )
+    ran_out = False  # every token was made and passed on (no stop string cut it short)
 
     def pieces() -> Iterator[str]:
+        nonlocal ran_out
         for t in tokens:
+            progress.tokens += 1
             yield detok.push(t)
         yield detok.flush()
+        ran_out = True
 
     try:
         yield from stop_text(pieces(), stop)
     finally:
         tokens.close()  # frees the KV cache at once when the caller stops early
+        progress.cancelled = cancel is not None and cancel.is_set()
+        full = ran_out and progress.tokens >= opts.max_new_tokens
+        progress.finish_reason = "length" if full and not progress.cancelled else "stop"
+
+
+def stream(
+    lm: LoadedModel,
+    prompt: str,
+    soft_prompt: SoftPrompt | torch.Tensor | None = None,
+    options: SamplingOptions | None = None,
+    *,
+    stop: Sequence[str] = (),
+    cancel: Cancel | None = None,
+    **changes,
+) -> Iterator[str]:
+    """The continuation of ``prompt`` as text pieces, as they are generated, sampled with
+    ``options`` (changed by ``changes``, e.g. ``temperature=0``). Ends at EOS, at
+    max_new_tokens, before the first of the ``stop`` strings, or once ``cancel`` is set. The
+    prompt is cut from the left so that soft tokens + prompt + new tokens fit the context."""
+    opts = resolve(options, **changes)
+    if isinstance(stop, str):
+        stop = [stop]
+    soft = soft_tensor(lm, soft_prompt)
+    prompt_ids = encode_prompt(lm, prompt, soft.shape[0], opts.max_new_tokens)
+    yield from stream_text(lm, prompt_ids, soft, opts, stop=stop, cancel=cancel)
 
 
 def generate(
     lm: LoadedModel,
     prompt: str,
     soft_prompt: SoftPrompt | torch.Tensor | None = None,
-    **options,
+    options: SamplingOptions | None = None,
+    **changes,
 ) -> str:
     """The continuation of ``prompt`` (the new text only); the options are ``stream``'s."""
-    return "".join(stream(lm, prompt, soft_prompt, **options))
+    return "".join(stream(lm, prompt, soft_prompt, options, **changes))
 
 
 # `softprompt.generate` is this function; `softprompt.generate.stream` is its streaming twin.

@@ -17,6 +17,7 @@ import numpy as np
 
 from .fileio import atomic_write, write_text
 from .generate import stream
+from .sampling import SamplingOptions
 
 if TYPE_CHECKING:
     from .model import LoadedModel
@@ -28,7 +29,7 @@ REPORT_FILE = "report.md"
 CURVE_FILE = "loss_curve.png"
 SAMPLE_PROMPT_TOKENS = 32
 SAMPLE_NEW_TOKENS = 40
-SAMPLE_OPTIONS = dict(temperature=0.0, repetition_penalty=1.1, seed=0)  # greedy: reproducible
+SAMPLE_OPTIONS = SamplingOptions(temperature=0.0, repetition_penalty=1.1)  # greedy: reproducible
 
 
 def loss_series(records: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
@@ -99,9 +100,9 @@ def samples(
     out = []
     for prompt in prompts if new_tokens > 0 else []:
         with_sp = "".join(
-            stream(lm, prompt, soft_prompt, max_new_tokens=new_tokens, **SAMPLE_OPTIONS)
+            stream(lm, prompt, soft_prompt, SAMPLE_OPTIONS, max_new_tokens=new_tokens)
         )
-        without = "".join(stream(lm, prompt, None, max_new_tokens=new_tokens, **SAMPLE_OPTIONS))
+        without = "".join(stream(lm, prompt, None, SAMPLE_OPTIONS, max_new_tokens=new_tokens))
         out.append({"prompt": prompt, "with": with_sp, "without": without})
     return out
 
@@ -153,7 +154,7 @@ def render(
             "## Samples",
             "",
             f"Greedy continuations ({SAMPLE_NEW_TOKENS} new tokens, repetition penalty "
-            f"{SAMPLE_OPTIONS['repetition_penalty']}) of the start of validation blocks.",
+            f"{SAMPLE_OPTIONS.repetition_penalty}) of the start of validation blocks.",
             "",
         ]
         for i, ex in enumerate(examples, 1):

@@ -16,9 +16,11 @@ framing those clients rely on; the README lists them). Standard library only (``
 - One generation runs at a time; up to ``queue_size`` more wait their turn and any beyond
   that get 503 (``service_unavailable``) at once.
 - ``POST /api/extra/abort`` stops the running generation between two tokens; a client that
-  hangs up on a stream stops it too.
-- With ``api_key`` every route but the CORS preflight (``OPTIONS``) needs
-  ``Authorization: Bearer KEY``.
+  hangs up stops it too, streamed or not.
+- With ``api_key``, ``Authorization: Bearer KEY`` is needed for everything but what
+  KoboldCpp leaves open: the CORS preflight (``OPTIONS``), the connection info clients read
+  before they send a key (``PUBLIC_ROUTES``; the model's name is withheld), and an abort that
+  names the running generation's ``genkey``.
 
 The small helpers (``send_json``, ``read_json_body``, ``cors_headers``, ``check_bearer``,
 ``HTTPError``) are module-level so other servers in softprompt can reuse them.
@@ -26,12 +28,15 @@ The small helpers (``send_json``, ``read_json_body``, ``cors_headers``, ``check_
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
 import math
 import os
 import random
+import re
+import select
 import socket
 import threading
 import time
@@ -48,8 +53,10 @@ import torch
 
 from . import __version__
 from .errors import ConfigError, SoftPromptError
-from .generate import Detokenizer, soft_tensor, stop_text, stream_ids
+from .generate import Cancel, Progress, soft_tensor, stream_text
 from .model import LoadedModel
+from .sampling import FIELDS as SAMPLING_FIELDS
+from .sampling import SamplingOptions
 from .soft_prompt import SoftPrompt
 
 log = logging.getLogger(__name__)
@@ -57,8 +64,7 @@ log = logging.getLogger(__name__)
 KOBOLD_API_VERSION = "1.2.6"  # >= 1.2.2: clients send stop_sequence; >= 1.2.4 badwordsids
 KOBOLDCPP_VERSION = "1.49"  # turns on streaming; >= 1.49: Lite sends `memory` on its own
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a 32k-token prompt is well under 1 MB of JSON
-MAX_LENGTH_LIMIT = 512  # new tokens per request (KoboldAI United's bound)
-DEFAULT_MAX_LENGTH = 80
+DEFAULT_MAX_LENGTH = SamplingOptions().max_new_tokens
 DEFAULT_OPENAI_MAX_TOKENS = 16
 MAX_N = 5
 MAX_STOP_SEQUENCES = 64
@@ -66,6 +72,25 @@ MAX_STOP_CHARS = 1000
 DEFAULT_QUEUE = 4
 DEFAULT_PORT = 5001
 SOFT_PROMPT_NAME_ERROR = "Must be a valid soft prompt name."
+PROTECTED_MODEL = "softprompt/protected-model"  # KoboldCpp's answer without the key
+# What KoboldCpp answers without its password, and clients ask before they send a key
+# (KoboldAI Lite asks for /sdapi/v1/sd-models without it, SillyTavern's KoboldAI Classic
+# mode never sends one).
+PUBLIC_ROUTES = frozenset(
+    ("GET", r)
+    for r in (
+        "/api/v1/model",
+        "/api/v1/info/version",
+        "/api/extra/version",
+        "/api/v1/config/max_context_length",
+        "/api/v1/config/max_length",
+        "/api/extra/true_max_context_length",
+        "/api/extra/preloadstory",
+        "/sdapi/v1/sd-models",
+    )
+)
+# the abort checks the key itself: without it, only the running generation's genkey stops it
+OPEN_ROUTES = PUBLIC_ROUTES | {("POST", "/api/extra/abort")}
 
 
 # --------------------------------------------------------------------------- HTTP helpers
@@ -109,6 +134,15 @@ class HTTPError(Exception):
 def error(status: int, msg: str, kind: str, headers: dict | None = None) -> HTTPError:
     """``{"detail": {"msg": msg, "type": kind}}`` with ``status``."""
     return HTTPError(status, {"msg": msg, "type": kind}, headers)
+
+
+def _unauthorized() -> HTTPError:
+    return error(
+        401,
+        "a valid API key is needed: send Authorization: Bearer KEY",
+        "unauthorized",
+        {"WWW-Authenticate": "Bearer"},
+    )
 
 
 def validation_error(problems: dict[str, list[str]]) -> HTTPError:
@@ -219,6 +253,9 @@ def normalize_path(path: str) -> str:
 # --------------------------------------------------------------------------- validation
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 class _Fields:
     """Reads fields of a request body, collecting every problem (KoboldAI's messages)."""
 
@@ -278,6 +315,14 @@ class _Fields:
     def number(self, key: str, default, lo=None, hi=None, lo_open=False):
         return self._numeric(key, default, lo, hi, lo_open, integral=False)
 
+    def text(self, key: str, value: str) -> bool:
+        """False (and the problem noted) when ``value`` holds a lone surrogate: JSON can
+        carry one (``"\\ud800"``), but it is no text a tokenizer can read."""
+        bad = _SURROGATE.search(value)
+        if bad:
+            self.bad(key, f"Not valid text: a lone surrogate (U+{ord(bad[0]):04X}).")
+        return not bad
+
     def string(self, key: str, default: str | None = "", required: bool = False, max_len=None):
         value = self.body.get(key)
         if value is None:
@@ -290,7 +335,7 @@ class _Fields:
         if max_len is not None and len(value) > max_len:
             self.bad(key, f"Longer than maximum length {max_len}.")
             return default
-        return value
+        return value if self.text(key, value) else default
 
     def boolean(self, key: str, default: bool) -> bool:
         value = self.body.get(key)
@@ -315,6 +360,8 @@ class _Fields:
             return []
         if any(len(s) > MAX_STOP_CHARS for s in value):
             self.bad(key, f"Each entry at most {MAX_STOP_CHARS} characters.")
+            return []
+        if not all(self.text(key, s) for s in value):
             return []
         return [s for s in value if s]
 
@@ -345,15 +392,9 @@ class GenRequest:
     """One generation request, validated, in softprompt's terms."""
 
     prompt: str
+    options: SamplingOptions = field(default_factory=SamplingOptions)
     memory: str = ""
-    max_new_tokens: int = DEFAULT_MAX_LENGTH
     max_context_length: int | None = None
-    temperature: float = 0.8
-    top_p: float = 1.0
-    top_k: int = 0
-    typical: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
     n: int = 1
     stop: list[str] = field(default_factory=list)
     ban_eos: bool = False
@@ -361,42 +402,105 @@ class GenRequest:
     genkey: str = ""
 
 
-def parse_kobold(body: dict, max_length_limit: int = MAX_LENGTH_LIMIT) -> GenRequest:
+# SamplingOptions field: the request keys that carry it, first found wins. KoboldCpp reads the
+# KoboldAI names on its OpenAI route too, next to the OpenAI ones (koboldcpp.py,
+# transform_genparams); SillyTavern sends both spellings.
+KOBOLD_SAMPLING = {
+    "max_new_tokens": ("max_length",),
+    "temperature": ("temperature",),
+    "top_p": ("top_p",),
+    "top_k": ("top_k",),
+    "top_a": ("top_a",),
+    "min_p": ("min_p",),
+    "tfs": ("tfs",),
+    "typical": ("typical",),
+    "repetition_penalty": ("rep_pen",),
+    "repetition_penalty_range": ("rep_pen_range",),
+    "repetition_penalty_slope": ("rep_pen_slope",),
+    "sampler_order": ("sampler_order",),
+    "seed": ("sampler_seed",),
+}
+OPENAI_SAMPLING = {
+    **KOBOLD_SAMPLING,
+    "max_new_tokens": ("max_tokens",),
+    "typical": ("typical", "typical_p"),
+    "repetition_penalty": ("rep_pen", "repetition_penalty", "repeat_penalty"),
+    "seed": ("seed", "sampler_seed"),
+}
+
+
+def _sampling_value(f: _Fields, name: str, key: str, max_length_limit: int | None):
+    """The value of one sampling field in the request's terms; None when absent or bad."""
+    if name == "max_new_tokens":
+        return f.integer(key, None, 1, max_length_limit)
+    if name == "seed":  # -1 (or none): a random seed, as in KoboldAI
+        seed = f.integer(key, None, -1, 2**64 - 1)
+        return seed if seed is None or seed >= 0 else random.randrange(2**63)
+    if name == "sampler_order":
+        order = f.integers(key, 0, 6) or None
+        # a list of the six samplers before repetition penalty had an id: it goes first, as
+        # KoboldAI United does
+        if order is not None and sorted(order) == list(range(6)):
+            return (6, *order)
+        return tuple(order) if order is not None else None
+    integral = type(SAMPLING_FIELDS[name].default) is int
+    value = (f.integer if integral else f.number)(key, None)
+    if name in ("top_p", "typical") and value == 0:
+        return 1.0  # KoboldAI clients send 0 for "off", as 1
+    return value
+
+
+def parse_sampling(
+    f: _Fields, keys: dict[str, tuple[str, ...]], max_length_limit: int | None = None, **defaults
+) -> SamplingOptions:
+    """The SamplingOptions of a request body (``keys``: field -> request keys), with
+    ``defaults`` for fields the request leaves out; each bad value is noted under its key."""
+    values, key_of = {"seed": random.randrange(2**63), **defaults}, {}
+    for name, candidates in keys.items():
+        key = next((k for k in candidates if f.body.get(k) is not None), None)
+        if key is None:
+            continue
+        key_of[name] = key
+        value = _sampling_value(f, name, key, max_length_limit)
+        if value is not None:
+            values[name] = value
+    opts = SamplingOptions(**values)
+    for name, msg in opts.problems().items():
+        f.bad(key_of.get(name, name), msg[0].upper() + msg[1:] + ".")
+    return opts
+
+
+def _ban_eos(f: _Fields) -> bool:
+    """KoboldCpp's ``ban_eos_token``, or KoboldAI's ``use_default_badwordsids`` (which bans the
+    end-of-text token, so generation runs to the length asked for)."""
+    if f.body.get("ban_eos_token") is not None:
+        return f.boolean("ban_eos_token", False)
+    return f.boolean("use_default_badwordsids", False)
+
+
+def parse_kobold(body: dict, max_length_limit: int | None = None) -> GenRequest:
     """A KoboldAI ``/api/v1/generate`` body as a GenRequest; 422 with every bad field.
-    Unknown keys are ignored; tfs, top_a, rep_pen_range/slope and sampler_order are checked
-    but not applied (softprompt's sampler has no such steps). ``use_default_badwordsids``
-    bans the end-of-text token, so generation runs to ``max_length``; a negative ``sampler_seed`` or none means a random seed."""
+    Unknown keys are ignored (the README lists what clients send and what is applied)."""
     f = _Fields(body)
-    prompt = f.string("prompt", "", required=True)
     req = GenRequest(
-        prompt=prompt,
+        prompt=f.string("prompt", "", required=True),
+        options=parse_sampling(
+            f, KOBOLD_SAMPLING, max_length_limit, max_new_tokens=DEFAULT_MAX_LENGTH
+        ),
         memory=f.string("memory", ""),
-        max_new_tokens=f.integer("max_length", DEFAULT_MAX_LENGTH, 1, max_length_limit),
         max_context_length=f.integer("max_context_length", None, 1),
-        temperature=f.number("temperature", 0.8, 0),
-        # 0 and 1 both mean "off" for top_p and typical, as KoboldAI clients send them
-        top_p=f.number("top_p", 1.0, 0, 1) or 1.0,
-        top_k=f.integer("top_k", 0, 0),
-        typical=f.number("typical", 1.0, 0, 1) or 1.0,
-        repetition_penalty=f.number("rep_pen", 1.0, 1),
-        seed=f.integer("sampler_seed", None, -1, 2**64 - 1),
         n=f.integer("n", 1, 1, MAX_N),
         stop=f.strings("stop_sequence"),
-        ban_eos=f.boolean("use_default_badwordsids", False),
+        ban_eos=_ban_eos(f),
         soft_prompt=f.string("soft_prompt", None),
         genkey=f.string("genkey", "", max_len=200),
     )
-    f.number("tfs", 1.0, 0, 1)
-    f.number("top_a", 0.0, 0)
-    f.integer("rep_pen_range", 0, 0)
-    f.number("rep_pen_slope", 0.0, 0)
-    f.integers("sampler_order", 0, 6)
     f.boolean("quiet", False)
     f.check()
     return req
 
 
-def parse_openai(body: dict, max_length_limit: int = MAX_LENGTH_LIMIT) -> tuple[GenRequest, str]:
+def parse_openai(body: dict, max_length_limit: int | None = None) -> tuple[GenRequest, str]:
     """An OpenAI ``/v1/completions`` body: (GenRequest, model); 400 with every bad field."""
     f = _Fields(body)
     prompt = body.get("prompt")
@@ -406,19 +510,18 @@ def parse_openai(body: dict, max_length_limit: int = MAX_LENGTH_LIMIT) -> tuple[
         f.bad("prompt", "Missing data for required field.")
     elif not isinstance(prompt, str):
         f.bad("prompt", "Must be a string (or a list of one string).")
+    elif not f.text("prompt", prompt):
+        prompt = ""
     model = f.string("model", "")
     f.integer("n", 1, 1, 1)  # one completion per request
-    rep = "repetition_penalty" if "repetition_penalty" in body else "rep_pen"
     req = GenRequest(
         prompt=prompt if isinstance(prompt, str) else "",
-        max_new_tokens=f.integer("max_tokens", DEFAULT_OPENAI_MAX_TOKENS, 1, max_length_limit),
-        temperature=f.number("temperature", 1.0, 0),
-        top_p=f.number("top_p", 1.0, 0, 1) or 1.0,
-        top_k=f.integer("top_k", 0, 0),
-        typical=f.number("typical", 1.0, 0, 1) or 1.0,
-        repetition_penalty=f.number(rep, 1.0, 1),
-        seed=f.integer("seed", None, -1, 2**64 - 1),
+        options=parse_sampling(
+            f, OPENAI_SAMPLING, max_length_limit, max_new_tokens=DEFAULT_OPENAI_MAX_TOKENS
+        ),
+        max_context_length=f.integer("max_context_length", None, 1),
         stop=f.strings("stop", allow_single=True),
+        ban_eos=_ban_eos(f),
         soft_prompt=f.string("soft_prompt", None),
     )
     f.boolean("stream", False)
@@ -454,7 +557,8 @@ class UnknownSoftPrompt(ConfigError):
 
 @dataclass
 class Generation:
-    """The running generation: its abort flag and the text so far."""
+    """A generation: the client's genkey ("" when it sent none), its abort flag and its text
+    so far."""
 
     genkey: str
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -462,20 +566,36 @@ class Generation:
 
 
 @dataclass
-class _Outcome:
-    tokens: int = 0
-    complete: bool = False
-    aborted: bool = False
-    finish_reason: str = "stop"
-
-
-@dataclass
 class _Job:
     ids: list[int]
     soft: torch.Tensor
     req: GenRequest
-    seed: int
     soft_prompt: str = ""
+
+
+def client_gone(sock: socket.socket) -> bool:
+    """True when the client has closed the connection (or reset it). Data waiting to be read
+    is a next request on the same connection, not a hang-up."""
+    try:
+        if not select.select([sock], [], [], 0)[0]:
+            return False
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+class _HangUp:
+    """A generation's abort flag that also trips when the client of a non-streamed request
+    hangs up, looked at between two tokens (a streamed request notices when a write fails)."""
+
+    def __init__(self, cancel: threading.Event, sock: socket.socket):
+        self.cancel, self.sock = cancel, sock
+
+    def is_set(self) -> bool:
+        if not self.cancel.is_set() and client_gone(self.sock):
+            log.info("the client hung up: generation stopped")
+            self.cancel.set()
+        return self.cancel.is_set()
 
 
 def _kobold_event(token: str, finish: str | None) -> str:
@@ -503,12 +623,10 @@ class Server:
         port: int = DEFAULT_PORT,
         api_key: str | None = None,
         queue_size: int = DEFAULT_QUEUE,
-        max_length_limit: int = MAX_LENGTH_LIMIT,
+        max_length_limit: int | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
     ):
-        check_listen_options(port, queue_size)
-        if max_length_limit < 1:
-            raise ConfigError("max_length_limit must be at least 1")
+        check_listen_options(port, queue_size, api_key, max_length_limit)
         self.lm = lm
         lm.bos_ids  # noqa: B018 - asks the tokenizer once now, before threads share it
         self.folder, selected = resolve_softprompts(softprompts, softprompt)
@@ -524,6 +642,7 @@ class Server:
         self._gen_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(queue_size + 1)
         self._current: Generation | None = None
+        self._latest: Generation | None = None  # the running one, else the last one
         self._count_lock = threading.Lock()
         self._closing = threading.Event()
         self.pending = 0  # generation requests running or waiting
@@ -627,15 +746,18 @@ class Server:
         ctx = self.context_length
         if req.max_context_length is not None:
             ctx = min(ctx, req.max_context_length)
-        bos = self.lm.bos_ids  # laid out as training does: [soft][BOS][memory + prompt]
-        budget = ctx - n_soft - len(bos) - req.max_new_tokens
+        # What is left for the prompt: the one place the request's token budget is worked out.
+        # Laid out as training does: [soft][BOS][memory + prompt].
+        bos = self.lm.bos_ids
+        new_tokens = req.options.max_new_tokens
+        budget = ctx - n_soft - len(bos) - new_tokens
         if budget < 1:
             key = "max_tokens" if openai else "max_length"
             raise HTTPError(
                 400 if openai else 422,
                 {
                     key: [
-                        f"{req.max_new_tokens} new tokens plus {n_soft} soft prompt tokens leave "
+                        f"{new_tokens} new tokens plus {n_soft} soft prompt tokens leave "
                         f"no room for the prompt in a context of {ctx} tokens: ask for at most "
                         f"{max(0, ctx - n_soft - len(bos) - 1)}."
                     ]
@@ -646,47 +768,22 @@ class Server:
         prompt = self.encode(req.prompt)
         prompt = prompt[-rest:] if rest > 0 else []
         ids = bos + memory + prompt or [self.lm.eos_token_id]
-        seed = req.seed if req.seed is not None and req.seed >= 0 else random.randrange(2**63)
-        return _Job(ids, soft, req, seed)
+        return _Job(ids, soft, req)
 
-    def pieces(self, job: _Job, seed: int, outcome: _Outcome, cancel: threading.Event):
-        """Text pieces of one continuation, as ``softprompt.generate.stream`` makes them,
-        stopping between tokens when ``cancel`` is set; fills in ``outcome``."""
+    def pieces(self, job: _Job, seed: int, progress: Progress, cancel: Cancel) -> Iterator[str]:
+        """Text pieces of one continuation with ``seed``, as ``softprompt.generate.stream``
+        makes them, stopping between tokens once ``cancel`` is set; fills in ``progress``."""
         req = job.req
-        tokens = stream_ids(
+        return stream_text(
             self.lm,
             job.ids,
             job.soft,
-            max_new_tokens=req.max_new_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            typical=req.typical,
-            repetition_penalty=req.repetition_penalty,
-            seed=seed,
+            dataclasses.replace(req.options, seed=seed),
+            stop=req.stop,
             ban_eos=req.ban_eos,
+            cancel=cancel,
+            progress=progress,
         )
-        detok = Detokenizer(self.lm.tokenizer, job.ids)
-
-        def text() -> Iterator[str]:
-            for t in tokens:
-                outcome.tokens += 1
-                yield detok.push(t)
-                if cancel.is_set():
-                    outcome.aborted = True
-                    break
-            yield detok.flush()
-            outcome.complete = True
-
-        try:
-            if cancel.is_set():
-                outcome.aborted = True
-                return
-            yield from stop_text(text(), req.stop)
-        finally:
-            tokens.close()
-            hit_length = outcome.complete and outcome.tokens >= req.max_new_tokens
-            outcome.finish_reason = "length" if hit_length and not outcome.aborted else "stop"
 
     @contextmanager
     def slot(self, genkey: str = ""):
@@ -700,8 +797,8 @@ class Server:
             with self._gen_lock:
                 if self._closing.is_set():
                     raise error(503, "The server is stopping.", "service_unavailable")
-                gen = Generation(genkey or uuid.uuid4().hex)
-                self._current = gen
+                gen = Generation(genkey)
+                self._current = self._latest = gen
                 try:
                     yield gen
                 finally:
@@ -719,6 +816,14 @@ class Server:
         gen.cancel.set()
         return True
 
+    def text_so_far(self, genkey: str = "") -> str:
+        """The text of the running generation, or of the last one, only for its own client:
+        the genkey it was started with (KoboldCpp's rule: none matches one started without)."""
+        gen = self._latest
+        if gen is None or genkey != gen.genkey:
+            return ""
+        return "".join(gen.text)
+
     def busy(self) -> bool:
         return self._current is not None
 
@@ -731,7 +836,13 @@ class Server:
 
     def _add_kobold_routes(self) -> None:
         r = self.add_route
-        r("GET", "/api/v1/model", lambda h: send_json(h, 200, {"result": self.lm.name}))
+        r(
+            "GET",
+            "/api/v1/model",
+            lambda h: send_json(
+                h, 200, {"result": self.lm.name if h.authorized else PROTECTED_MODEL}
+            ),
+        )
         r(
             "GET",
             "/api/v1/info/version",
@@ -762,6 +873,9 @@ class Server:
         r("POST", "/api/extra/abort", self._abort)
         r("POST", "/api/extra/tokencount", self._tokencount)
         r("GET", "/v1/models", self._openai_models)
+        # KoboldCpp's answers when it has no saved story to offer and no image model
+        r("GET", "/api/extra/preloadstory", lambda h: send_json(h, 200, {}))
+        r("GET", "/sdapi/v1/sd-models", lambda h: send_json(h, 200, []))
         r("POST", "/v1/completions", self._openai_completions)
 
     def _extra_version(self, h) -> None:
@@ -805,14 +919,24 @@ class Server:
                 raise
             body = {}
         genkey = body.get("genkey") if isinstance(body.get("genkey"), str) else ""
+        gen = self._current
+        # Without the key, only the client that knows the running genkey may stop it (the
+        # stop buttons of KoboldAI Lite and SillyTavern; SillyTavern sends no key here).
+        if not h.authorized and not (genkey and gen is not None and genkey == gen.genkey):
+            raise _unauthorized()
         done = self.abort(genkey)
         send_json(h, 200, {"success": "true" if done else "false", "done": "true"})
 
     def _check(self, h) -> None:
+        body = {}
         if h.command == "POST":
-            read_body(h, self.max_body_bytes)
-        gen = self._current
-        send_json(h, 200, {"results": [{"text": "".join(gen.text) if gen else ""}]})
+            try:
+                body = read_json_body(h, self.max_body_bytes, allow_empty=True)
+            except HTTPError as e:
+                if e.status == 413:
+                    raise
+        genkey = body.get("genkey") if isinstance(body.get("genkey"), str) else ""
+        send_json(h, 200, {"results": [{"text": self.text_so_far(genkey)}]})
 
     def _kobold_generate(self, h, stream: bool) -> None:
         body = read_json_body(h, self.max_body_bytes)
@@ -825,19 +949,31 @@ class Server:
                 self._stream(h, job, gen, _kobold_event)
                 return
             results = []
+            cancel = _HangUp(gen.cancel, h.connection)
             for i in range(req.n):
-                outcome = _Outcome()
-                text = "".join(self._collect(job, job.seed + i, outcome, gen))
-                results.append({"text": text, "finish_reason": outcome.finish_reason})
-                if outcome.aborted:
+                progress = Progress()
+                seed = req.options.seed + i
+                text = "".join(self._collect(job, seed, progress, gen, cancel))
+                results.append({"text": text, "finish_reason": progress.finish_reason})
+                if progress.cancelled:
                     break
         send_json(h, 200, {"results": results})
 
-    def _collect(self, job: _Job, seed: int, outcome: _Outcome, gen: Generation):
+    def _collect(
+        self,
+        job: _Job,
+        seed: int,
+        progress: Progress,
+        gen: Generation,
+        cancel: Cancel | None = None,
+    ):
+        """The pieces of one continuation, kept as the generation's text so far; ``cancel``
+        (default: the generation's abort flag) stops it."""
         gen.text.clear()
         start = time.perf_counter()
         try:
-            for piece in self.pieces(job, seed & (2**64 - 1), outcome, gen.cancel):
+            pieces = self.pieces(job, seed & (2**64 - 1), progress, cancel or gen.cancel)
+            for piece in pieces:
                 if piece:
                     gen.text.append(piece)
                     yield piece
@@ -845,10 +981,10 @@ class Server:
             took = time.perf_counter() - start
             log.info(
                 "generated %d tokens in %.1f s (%s%s), soft prompt: %s",
-                outcome.tokens,
+                progress.tokens,
                 took,
-                outcome.finish_reason,
-                ", aborted" if outcome.aborted else "",
+                progress.finish_reason,
+                ", aborted" if progress.cancelled else "",
                 job.soft_prompt or "none",
             )
 
@@ -871,13 +1007,13 @@ class Server:
         """Send one continuation as an event stream: ``event(piece, None)`` for each piece,
         then ``event("", finish_reason)``. A client that hangs up stops the generation."""
         self._start_stream(h)
-        outcome = _Outcome()
-        pieces = self._collect(job, job.seed, outcome, gen)
+        progress = Progress()
+        pieces = self._collect(job, job.req.options.seed, progress, gen)
         try:
             for piece in pieces:
                 h.wfile.write(event(piece, None).encode())
                 h.wfile.flush()
-            h.wfile.write(event("", outcome.finish_reason).encode())
+            h.wfile.write(event("", progress.finish_reason).encode())
             h.wfile.flush()
         except OSError:  # the client hung up: stop generating
             gen.cancel.set()
@@ -928,13 +1064,14 @@ class Server:
             if body.get("stream") is True:
                 self._stream(h, job, gen, event)
                 return
-            outcome = _Outcome()
-            text = "".join(self._collect(job, job.seed, outcome, gen))
-        result = chunk(text, outcome.finish_reason)
+            progress = Progress()
+            cancel = _HangUp(gen.cancel, h.connection)
+            text = "".join(self._collect(job, req.options.seed, progress, gen, cancel))
+        result = chunk(text, progress.finish_reason)
         result["usage"] = {
             "prompt_tokens": len(job.ids),
-            "completion_tokens": outcome.tokens,
-            "total_tokens": len(job.ids) + outcome.tokens,
+            "completion_tokens": progress.tokens,
+            "total_tokens": len(job.ids) + progress.tokens,
         }
         send_json(h, 200, result)
 
@@ -1028,13 +1165,27 @@ def resolve_softprompts(folder: str | Path | None, name: str | None) -> tuple[Pa
     return path.resolve(), name
 
 
-def check_listen_options(port: int, queue_size: int) -> None:
-    """ConfigError for a port or queue size that cannot be used (``softprompt serve`` checks
-    them before it loads the model)."""
+def check_listen_options(
+    port: int,
+    queue_size: int,
+    api_key: str | None = None,
+    max_length_limit: int | None = None,
+) -> None:
+    """ConfigError for a port, queue size, API key or length limit that cannot be used
+    (``softprompt serve`` checks them before it loads the model)."""
     if not 0 <= int(port) <= 65535:
         raise ConfigError(f"--port {port} is not a port number: use 1 to 65535 (0: any free)")
     if queue_size < 0:
         raise ConfigError(f"--queue {queue_size}: use 0 or more")
+    # Browsers send only Latin-1 in a header, and clients cannot agree on how to encode
+    # anything past ASCII: such a key could never be sent right.
+    if api_key and not re.fullmatch(r"[\x21-\x7e]+", api_key):
+        raise ConfigError(
+            "--api-key (or $SOFTPROMPT_API_KEY) must be printable ASCII without spaces: "
+            "clients cannot send other characters in a header"
+        )
+    if max_length_limit is not None and max_length_limit < 1:
+        raise ConfigError(f"--max-length-limit {max_length_limit}: use 1 or more")
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -1052,6 +1203,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 120  # seconds a client may take to send its request
     app: Server
     streaming = False
+    authorized = False  # the request carries the API key (or none is set)
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
         log.debug("%s %s", self.address_string(), format % args)
@@ -1084,14 +1236,10 @@ class _Handler(BaseHTTPRequestHandler):
         openai = route == "/v1" or route.startswith("/v1/")
         self.streaming = False
         try:
-            if not check_bearer(self, self.app.api_key):
+            self.authorized = check_bearer(self, self.app.api_key)
+            if not self.authorized and (method, route) not in OPEN_ROUTES:
                 self.close_connection = True
-                raise error(
-                    401,
-                    "a valid API key is needed: send Authorization: Bearer KEY",
-                    "unauthorized",
-                    {"WWW-Authenticate": "Bearer"},
-                )
+                raise _unauthorized()
             fn = self.app.routes.get((method, route))
             if fn is None:
                 self.close_connection = True

@@ -667,23 +667,19 @@ class Workspace:
 # ----------------------------------------------------------------------------- try it
 
 
-TRY_DEFAULTS = {
-    "max_new_tokens": 60,
-    "temperature": 0.8,
-    "top_p": 0.95,
-    "repetition_penalty": 1.1,
-    "seed": 0,
-}
+# what the page's try-it box sends; the rest of the sampling options keep their defaults
+TRY_KEYS = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
 TRY_WHOLE = {"max_new_tokens": (1, 1000), "seed": (0, MAX_SEED)}  # and their ranges
 
 
-def _try_option(key: str, value: Any) -> int | float:
-    """One try-it option as the page sends it (text, or a number); ConfigError naming it.
+def _try_option(key: str, value: Any) -> int | float | None:
+    """One try-it option as the page sends it (text, or a number; None when left empty);
+    ConfigError naming it.
     The sampling ranges are generate's to check: here, what would fail before them (a seed
     torch refuses, an infinity)."""
     label = key.replace("_", " ")
     if value is None or value == "":
-        return TRY_DEFAULTS[key]
+        return None
     if key in TRY_WHOLE:
         low, high = TRY_WHOLE[key]
         number = _whole(str(value).strip())
@@ -722,6 +718,7 @@ class Generator:
 
     def compare(self, run_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
         from .generate import generate
+        from .sampling import SamplingOptions
         from .soft_prompt import SoftPrompt
 
         prompt = request.get("prompt")
@@ -729,20 +726,21 @@ class Generator:
             raise ConfigError("type a prompt first")
         if SURROGATE.search(prompt):  # JSON's "\ud800": no tokenizer takes it
             raise ConfigError("the prompt is not valid Unicode text (it holds a lone surrogate)")
-        opts = {key: _try_option(key, request.get(key)) for key in TRY_DEFAULTS}
+        given = {key: _try_option(key, request.get(key)) for key in TRY_KEYS}
+        options = SamplingOptions(**{k: v for k, v in given.items() if v is not None}).check()
         out = run_dir / OUT
         cfg = TrainConfig(**read_toml(out / CONFIG_FILE))
         sp = SoftPrompt.load(out / SOFTPROMPT_FILE)
         with self._lock:
             lm = self.model(cfg)
             t0 = time.perf_counter()
-            with_sp = generate(lm, prompt, sp, **opts)
-            without = generate(lm, prompt, None, **opts)
+            with_sp = generate(lm, prompt, sp, options)
+            without = generate(lm, prompt, None, options)
         return {
             "prompt": prompt,
             "with": with_sp,
             "without": without,
-            "seed": opts["seed"],
+            "seed": options.seed,
             "model": lm.name,
             "seconds": time.perf_counter() - t0,
         }

@@ -184,7 +184,17 @@ def test_generate_puts_bos_after_the_soft_prompt(models, arch):
     torch.manual_seed(0)
     soft = torch.randn(4, lm.embed_dim)
     ids = encode_prompt(lm, PROMPT, 4, 12)
-    ours = list(stream_ids(lm, ids, soft, max_new_tokens=12, temperature=0, stop_at_eos=False))
+    ours = list(
+        stream_ids(
+            lm,
+            ids,
+            soft,
+            max_new_tokens=12,
+            temperature=0,
+            repetition_penalty=1.0,
+            stop_at_eos=False,
+        )
+    )
     assert ours == _hf_greedy(lm, soft, lm.tokenizer(PROMPT)["input_ids"], 12)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import softprompt
+import softprompt.sampling
 from softprompt import SoftPrompt, load_model
 from softprompt.cli import main
 from softprompt.errors import ConfigError
@@ -74,7 +75,15 @@ def test_typical_matches_model_generate(tiny_llama):
     ids = lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     ours = list(
         stream_ids(
-            lm, ids, _empty(lm), max_new_tokens=20, seed=3, temperature=1.0, top_p=1.0, typical=0.8
+            lm,
+            ids,
+            _empty(lm),
+            max_new_tokens=20,
+            seed=3,
+            temperature=1.0,
+            top_p=1.0,
+            typical=0.8,
+            repetition_penalty=1.0,
         )
     )
     torch.manual_seed(3)
@@ -98,7 +107,9 @@ def test_soft_prompt_is_the_only_difference(tiny_llama):
     head = lm.tokenizer(" Chapter one. ", add_special_tokens=False)["input_ids"]
     soft = SoftPrompt(embed_ids(lm.model, torch.tensor(head)))
     for seed in (0, 1):
-        opts = dict(max_new_tokens=25, temperature=1.0, top_p=0.9, seed=seed)
+        opts = dict(
+            max_new_tokens=25, temperature=1.0, top_p=0.9, seed=seed, repetition_penalty=1.0
+        )
         with_soft = generate(lm, PROMPT, soft, **opts)
         hard = generate(lm, " Chapter one. " + PROMPT, None, **opts)
         assert with_soft == hard
@@ -358,10 +369,95 @@ def test_real_model_matches_its_own_generate():
     token embeddings gives exactly what those tokens give as a hard prompt."""
     lm = load_model()
     ids = lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    ours = list(stream_ids(lm, ids, _empty(lm), max_new_tokens=20, temperature=0))
+    ours = list(
+        stream_ids(lm, ids, _empty(lm), max_new_tokens=20, temperature=0, repetition_penalty=1.0)
+    )
     assert ours == _hf_new_ids(lm, ids, max_new_tokens=20, do_sample=False)
     head = lm.tokenizer("Chapter 1\n\n", add_special_tokens=False)["input_ids"]
     soft = embed_ids(lm.model, torch.tensor(head))
-    opts = dict(max_new_tokens=20, temperature=0.8, top_p=0.95, seed=3)
+    opts = dict(max_new_tokens=20, temperature=0.8, top_p=0.95, seed=3, repetition_penalty=1.0)
     with_soft = list(stream_ids(lm, ids, soft, **opts))
     assert with_soft == list(stream_ids(lm, head + ids, _empty(lm), **opts))
+
+
+def test_stream_stops_when_cancelled(tiny_llama):
+    import threading
+
+    from softprompt.generate import Progress, stream_text
+
+    cancel, progress = threading.Event(), Progress()
+    ids = encode_prompt(tiny_llama, PROMPT, 0, 50)
+    opts = dict(max_new_tokens=50, temperature=0, repetition_penalty=1.0)
+    pieces = stream_text(
+        tiny_llama,
+        ids,
+        _empty(tiny_llama),
+        softprompt.sampling.resolve(**opts),
+        ban_eos=True,
+        cancel=cancel,
+        progress=progress,
+    )
+    for i, _ in enumerate(pieces):
+        if i == 2:
+            cancel.set()
+    assert progress.cancelled and progress.finish_reason == "stop"
+    assert 3 <= progress.tokens < 10
+    cancel.clear()
+    assert list(stream(tiny_llama, PROMPT, None, cancel=cancel, **opts))
+    cancel.set()  # set before the start: nothing is generated
+    assert list(stream(tiny_llama, PROMPT, None, cancel=cancel, **opts)) == []
+
+
+def test_cli_sampling_flags_are_the_sampling_options(tiny_models, capsys):
+    from softprompt.cli import build_parser, sampling_from_args
+    from softprompt.sampling import SamplingOptions
+
+    assert sampling_from_args(build_parser().parse_args(["generate", "x"])) == SamplingOptions()
+    model = str(tiny_models["llama"])
+    flags = dict(
+        max_new_tokens=12,
+        temperature=1.3,
+        top_p=0.9,
+        top_k=50,
+        top_a=0.01,
+        min_p=0.02,
+        tfs=0.97,
+        typical=0.95,
+        repetition_penalty=1.2,
+        repetition_penalty_range=16,
+        repetition_penalty_slope=0.5,
+        seed=11,
+    )
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    argv += ["--sampler-order", "6,0,1,3,4,2,5", "--no-echo", "--device", "cpu"]
+    rc = main(["generate", "--model", model, *argv, PROMPT])
+    assert rc == 0
+    lm = load_model(model, device="cpu", dtype="float32")
+    want = generate(lm, PROMPT, None, sampler_order=(6, 0, 1, 3, 4, 2, 5), **flags)
+    assert capsys.readouterr().out == want + "\n"
+
+
+@pytest.mark.parametrize("t", ["1e-300", "5e-324"])
+def test_cli_tiny_temperature_is_greedy(tiny_models, capsys, t):
+    model = str(tiny_models["llama"])
+    base = ["generate", "--model", model, "--max-new-tokens", "8", "--no-echo", PROMPT]
+    assert main([*base, "--temperature", t]) == 0
+    tiny = capsys.readouterr().out
+    assert main([*base, "--temperature", "0"]) == 0
+    assert tiny == capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--sampler-order", "1,2"], ["--sampler-order", "6,0,1,3,4,2,5"]),
+        (["--sampler-order", "x"], ["--sampler-order"]),
+        (["--tfs", "2", "--min-p", "-1"], ["--tfs", "--min-p"]),
+        (["--repetition-penalty-range", "-1"], ["--repetition-penalty-range"]),
+    ],
+)
+def test_cli_bad_sampling_flags_are_one_line(tiny_models, capsys, argv, needles):
+    from conftest import assert_one_line_error, run_cli
+
+    code, _, err = run_cli(capsys, "generate", "--model", tiny_models["llama"], *argv, "hi")
+    assert_one_line_error(code, err, *needles)

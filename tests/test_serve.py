@@ -6,6 +6,7 @@ routes, the busy queue, the API key, and bad requests."""
 from __future__ import annotations
 
 import http.client
+import importlib
 import json
 import re
 import signal
@@ -20,10 +21,11 @@ import torch
 from conftest import ROOT, assert_one_line_error, run_cli
 
 from softprompt import SoftPrompt
-from softprompt import serve as serve_mod
 from softprompt.formats import save
 from softprompt.generate import generate
 from softprompt.serve import Server
+
+generate_mod = importlib.import_module("softprompt.generate")  # softprompt.generate: the function
 
 PROMPT = "It is a truth universally acknowledged, that a single man"
 SOFT_NAMES = ["alpha.zip", "beta.safetensors", "wrong.zip"]
@@ -290,14 +292,14 @@ def test_stream_parses_with_lites_rule_and_matches(fresh):
 @pytest.fixture
 def slow_tokens(monkeypatch):
     """Each token takes 20 ms, so a generation is still running when the test acts."""
-    real = serve_mod.stream_ids
+    real = generate_mod.stream_ids
 
     def slow(*args, **kwargs):
         for t in real(*args, **kwargs):
             time.sleep(0.02)
             yield t
 
-    monkeypatch.setattr(serve_mod, "stream_ids", slow)
+    monkeypatch.setattr(generate_mod, "stream_ids", slow)
 
 
 def _open_stream(srv, body, path="/api/extra/generate/stream"):
@@ -402,7 +404,7 @@ class Gate:
 @pytest.fixture
 def gate(monkeypatch):
     """Generation yields two tokens, then waits until the test opens the gate."""
-    real = serve_mod.stream_ids
+    real = generate_mod.stream_ids
     g = Gate()
 
     def gated(*args, **kwargs):
@@ -412,7 +414,7 @@ def gate(monkeypatch):
                 assert g.opened.wait(30)
             yield t
 
-    monkeypatch.setattr(serve_mod, "stream_ids", gated)
+    monkeypatch.setattr(generate_mod, "stream_ids", gated)
     yield g
     g.set()
 
@@ -540,7 +542,7 @@ def test_api_key_and_cors_preflight(tiny_llama, sp_dir):
         assert "Authorization" in pre.headers["Access-Control-Allow-Headers"]
         assert "POST" in pre.headers["Access-Control-Allow-Methods"]
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekrit"}):
-            ans = call(srv, "GET", "/api/v1/model", headers=headers)
+            ans = call(srv, "GET", "/api/v1/config/soft_prompts_list", headers=headers)
             assert ans.status == 401
             assert ans.json()["detail"]["type"] == "unauthorized"
             assert ans.headers["WWW-Authenticate"] == "Bearer"
@@ -549,7 +551,7 @@ def test_api_key_and_cors_preflight(tiny_llama, sp_dir):
         assert call(srv, "POST", "/api/v1/generate", {"prompt": "x"}).status == 401
         assert call(srv, "GET", "/nothing/here").status == 401  # no route probing either
         key = {"Authorization": "Bearer sekrit"}
-        assert call(srv, "GET", "/api/v1/model", headers=key).status == 200
+        assert call(srv, "GET", "/api/v1/config/soft_prompts_list", headers=key).status == 200
         assert call(srv, "GET", "/api/extra/version", headers=key).json()["protected"] is True
         out = kobold(srv, {"prompt": PROMPT, "max_length": 4, "temperature": 0}, headers=key)
         assert out["text"]
@@ -661,9 +663,13 @@ def test_out_of_range_values_get_422_naming_each_field(fresh):
     assert huge.status == 422, huge.json()  # too large for a float: not a number, not a 500
     assert huge.json()["detail"] == {"temperature": ["Not a valid number."]}
     too_long = call(fresh, "POST", "/api/v1/generate", {"prompt": "x", "max_length": 10**6})
+    assert too_long.status == 422
     assert too_long.json() == {
         "detail": {
-            "max_length": ["Must be greater than or equal to 1 and less than or equal to 512."]
+            "max_length": [
+                "1000000 new tokens plus 0 soft prompt tokens leave no room for the prompt in a "
+                "context of 256 tokens: ask for at most 255."
+            ]
         }
     }
     missing = call(fresh, "POST", "/api/v1/generate", {"max_length": 4})
