@@ -15,8 +15,8 @@ import torch
 from .errors import RunError
 from .fileio import atomic_write
 from .formats.common import torch_load, torch_load_reason
+from .runfiles import CHECKPOINT_FILE
 
-CHECKPOINT = "checkpoint.pt"
 FORMAT = "softprompt-checkpoint"
 VERSION = 1
 
@@ -24,7 +24,7 @@ VERSION = 1
 def save_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
     """Write the state beside the previous checkpoint, then rename it over it: a checkpoint
     on disk is always complete."""
-    path = Path(folder) / CHECKPOINT
+    path = Path(folder) / CHECKPOINT_FILE
     buf = io.BytesIO()
     torch.save({"format": FORMAT, "version": VERSION, **state}, buf)
     with atomic_write(path) as fh:
@@ -34,7 +34,7 @@ def save_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
 
 def load_checkpoint(folder: Path) -> dict[str, Any] | None:
     """The checkpoint in ``folder``, or None if there is none. RunError if it is damaged."""
-    path = Path(folder) / CHECKPOINT
+    path = Path(folder) / CHECKPOINT_FILE
     if not path.is_file():
         return None
     try:

@@ -16,6 +16,7 @@ from typing import Any
 from . import __version__
 from .config import DEVICE_MAPS, DTYPES, FIELDS, PER_INVOCATION, TrainConfig, flag, read_toml
 from .errors import ConfigError, SoftPromptError
+from .runfiles import CONFIG_FILE
 
 log = logging.getLogger("softprompt")
 
@@ -342,7 +343,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     explicit = {k: v for k, v in vars(args).items() if k in FIELDS}
     values: dict[str, Any] = {}
     if explicit.get("resume") and explicit.get("output"):
-        saved = Path(explicit["output"]).expanduser() / "config.toml"
+        saved = Path(explicit["output"]).expanduser() / CONFIG_FILE
         if saved.is_file():
             values.update({k: v for k, v in read_toml(saved).items() if k not in PER_INVOCATION})
     if args.config:

@@ -17,6 +17,7 @@ import numpy as np
 
 from .fileio import atomic_write, write_text
 from .generate import stream
+from .runfiles import CURVE_FILE, REPORT_FILE
 from .sampling import SamplingOptions
 
 if TYPE_CHECKING:
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "report.md"
-CURVE_FILE = "loss_curve.png"
 SAMPLE_PROMPT_TOKENS = 32
 SAMPLE_NEW_TOKENS = 40
 SAMPLE_OPTIONS = SamplingOptions(temperature=0.0, repetition_penalty=1.1)  # greedy: reproducible

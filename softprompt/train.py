@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import __version__, distributed
-from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CPU_AUTO_BATCH, DEFAULT_TOKENS, TrainConfig, read_toml, to_toml
 from .data import make_blocks, read_dataset, split_blocks, token_stream, tokenize_dataset
 from .errors import ConfigError, DataError, RunError
@@ -42,13 +42,11 @@ from .model import (
     pick_dtype,
     uncompile,
 )
+from .runfiles import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, SOFTPROMPT_FILE
 from .soft_prompt import SoftPrompt, block_loss, fused_head, init_tensor, read_init_text
 
 log = logging.getLogger(__name__)
 
-SOFTPROMPT_FILE = "softprompt.safetensors"
-CONFIG_FILE = "config.toml"
-METRICS_FILE = "metrics.jsonl"
 CPU_BLOCK_CAP, GPU_BLOCK_CAP = 512, 2048
 
 
@@ -383,7 +381,11 @@ def _train(
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
         if checkpoint is None:
-            for stale in (CHECKPOINT, METRICS_FILE, SOFTPROMPT_FILE):  # --force over an older run
+            for stale in (
+                CHECKPOINT_FILE,
+                METRICS_FILE,
+                SOFTPROMPT_FILE,
+            ):  # --force over an older run
                 with contextlib.suppress(FileNotFoundError):
                     (out / stale).unlink()
         write_text(out / CONFIG_FILE, to_toml(resolved.to_dict()))
@@ -560,7 +562,7 @@ def _train(
             "safetensors": out / SOFTPROMPT_FILE,
             "config": out / CONFIG_FILE,
             "metrics": out / METRICS_FILE,
-            "checkpoint": out / CHECKPOINT,
+            "checkpoint": out / CHECKPOINT_FILE,
         },
         steps=step,
         val_loss_before=val_before,

@@ -41,11 +41,19 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .checkpoint import CHECKPOINT
 from .config import FIELDS, MAX_SEED, SURROGATE, TrainConfig, _coerce, flag, read_toml, to_toml
 from .errors import ConfigError, RunError, SoftPromptError
 from .fileio import atomic_write, safe_filename, write_text
-from .train import CONFIG_FILE, METRICS_FILE, SOFTPROMPT_FILE
+from .runfiles import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    JOB_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    OUTPUT_DIR,
+    RUN_CONFIG,
+    SOFTPROMPT_FILE,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +74,6 @@ HIDDEN = {"output", "progress", "resume", "force", "shard_model"}
 BASIC = ["dataset", "model", "name", "max_steps", "epochs", "lr", "tokens", "block_size"]
 GROUPS = ("data", "model", "soft prompt", "training", "run")
 
-STATUS_FILE = "job.json"
-LOG_FILE = "train.log"
-RUN_CONFIG = "run.toml"  # what the page asked for; train writes out/config.toml, resolved
-OUT = "out"
 MARK = "=== softprompt ui: "  # the line the server writes to the log before each start
 
 
@@ -240,7 +244,7 @@ def _read_job(folder: Path) -> dict:
     """A run's job.json; RunError naming it if it is damaged (not a JSON object, NaN or an
     infinity in it, a value of the wrong type), so that one bad folder shows as damaged
     instead of breaking every answer that lists it."""
-    path = folder / STATUS_FILE
+    path = folder / JOB_FILE
     try:
         job = _loads(path.read_text(encoding="utf-8"))
         if not isinstance(job, dict):
@@ -250,7 +254,7 @@ def _read_job(folder: Path) -> dict:
                 raise ValueError(f"{key} is {type(job[key]).__name__}")
     except (OSError, ValueError, RecursionError) as e:
         raise RunError(
-            f"{folder.name}/{STATUS_FILE} is damaged ({e}): delete the folder {folder}"
+            f"{folder.name}/{JOB_FILE} is damaged ({e}): delete the folder {folder}"
         ) from None
     return job
 
@@ -406,7 +410,7 @@ class Workspace:
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,120}", run_id) or run_id.startswith("."):
             raise KeyError(run_id)
         folder = self.runs / run_id
-        if not (folder / STATUS_FILE).is_file():
+        if not (folder / JOB_FILE).is_file():
             raise KeyError(run_id)
         real = _inside(folder, self.runs)
         for parent, dirs, files in os.walk(real):  # a linked folder is listed, not entered
@@ -471,7 +475,7 @@ class Workspace:
             "options": values,
             "starts": [],
         }
-        _write_json(folder / STATUS_FILE, job)
+        _write_json(folder / JOB_FILE, job)
         self._launch(folder, ["--config", str(folder / RUN_CONFIG)])
         return self.status(run_id)
 
@@ -491,7 +495,7 @@ class Workspace:
         return self.status(run_id)
 
     def _launch(self, folder: Path, args: list[str]) -> None:
-        out = folder / OUT
+        out = folder / OUTPUT_DIR
         cmd = [
             sys.executable,
             "-m",
@@ -522,7 +526,7 @@ class Workspace:
             job["stop_requested"] = False
             job["exit_code"] = None
             job.setdefault("starts", []).append({"time": time.time(), "args": args})
-            _write_json(folder / STATUS_FILE, job)
+            _write_json(folder / JOB_FILE, job)
         log.info("started %s (pid %d)", folder.name, proc.pid)
 
     def stop(self, run_id: str) -> dict[str, Any]:
@@ -532,7 +536,7 @@ class Workspace:
         if not self._alive(run_id, job):
             raise ConfigError("this run is not running")
         job["stop_requested"] = True
-        _write_json(folder / STATUS_FILE, job)
+        _write_json(folder / JOB_FILE, job)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)  # train saves a checkpoint after this step, exits 130
         return self.status(run_id)
@@ -546,21 +550,21 @@ class Workspace:
             if job.get("exit_code") is None:
                 job["exit_code"] = code
                 with contextlib.suppress(OSError):
-                    _write_json(self.runs / run_id / STATUS_FILE, job)
+                    _write_json(self.runs / run_id / JOB_FILE, job)
             return False
         return pid_alive(job.get("pid"), str(self.runs / run_id))
 
     def status(self, run_id: str, since: int = 0, summary: bool = False) -> dict[str, Any]:
         folder = self.run_dir(run_id)
         job = _read_job(folder)
-        out = folder / OUT
+        out = folder / OUTPUT_DIR
         running = self._alive(run_id, job)
         records = self._metrics.read(out / METRICS_FILE)
         lines = log_since_start(folder / LOG_FILE)
         errors = [line for line in lines if line.startswith(ERROR_PREFIXES)]
         message = errors[-1].split(": ", 2)[-1] if errors else None
         finished = (out / SOFTPROMPT_FILE).is_file()
-        checkpoint = (out / CHECKPOINT).is_file()
+        checkpoint = (out / CHECKPOINT_FILE).is_file()
         stopped_msg = message is not None and message.startswith("stopped at step")
         if running:
             status = "running"
@@ -616,7 +620,7 @@ class Workspace:
         info = self.status(run_id, summary=True)
         if not info["zip"]:
             raise ConfigError("this run has no finished soft prompt yet")
-        return self.run_dir(run_id) / OUT / info["zip"]
+        return self.run_dir(run_id) / OUTPUT_DIR / info["zip"]
 
     # --- datasets
     def list_datasets(self) -> list[dict[str, Any]]:
@@ -728,7 +732,7 @@ class Generator:
             raise ConfigError("the prompt is not valid Unicode text (it holds a lone surrogate)")
         given = {key: _try_option(key, request.get(key)) for key in TRY_KEYS}
         options = SamplingOptions(**{k: v for k, v in given.items() if v is not None}).check()
-        out = run_dir / OUT
+        out = run_dir / OUTPUT_DIR
         cfg = TrainConfig(**read_toml(out / CONFIG_FILE))
         sp = SoftPrompt.load(out / SOFTPROMPT_FILE)
         with self._lock:

@@ -266,12 +266,12 @@ def test_the_page_tries_the_soft_prompt_on_the_bos_layout(models, tiny_models, t
     """The web page's try-it box: with and without the run's soft prompt, both laid out as
     [soft][BOS][prompt] and [BOS][prompt]."""
     from softprompt.config import TrainConfig, to_toml
-    from softprompt.ui import OUT, Generator
+    from softprompt.ui import OUTPUT_DIR, Generator
 
     lm = models["llama_bos"]
     torch.manual_seed(0)
     sp = SoftPrompt(torch.randn(4, lm.embed_dim), {"name": "x"})
-    out = tmp_path / "run" / OUT
+    out = tmp_path / "run" / OUTPUT_DIR
     out.mkdir(parents=True)
     sp.save(out / "softprompt.safetensors")
     cfg = TrainConfig(dataset="d", output=str(out), model=str(tiny_models["llama_bos"]))

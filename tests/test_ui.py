@@ -434,9 +434,9 @@ def raw_request(srv, data: bytes, timeout: float = 10.0) -> bytes:
 def make_run(ws: ui.Workspace, run_id: str, job: str | None = None) -> Path:
     """A run folder as the server leaves it, written by hand."""
     folder = ws.runs / run_id
-    (folder / ui.OUT).mkdir(parents=True)
+    (folder / ui.OUTPUT_DIR).mkdir(parents=True)
     job = job or json.dumps({"id": run_id, "name": run_id, "created": 1.0, "options": {}})
-    (folder / ui.STATUS_FILE).write_text(job)
+    (folder / ui.JOB_FILE).write_text(job)
     return folder
 
 
@@ -478,7 +478,7 @@ def test_one_damaged_run_folder_does_not_hide_the_others(server):
     make_run(ws, "array", "[1, 2]")
     make_run(ws, "types", '{"name": 3, "created": "yesterday", "pid": "x", "options": []}')
     bad_metrics = make_run(ws, "metrics")
-    (bad_metrics / ui.OUT / "metrics.jsonl").write_text(
+    (bad_metrics / ui.OUTPUT_DIR / "metrics.jsonl").write_text(
         '{"loss": 1.0}\n{"step": "2", "loss": 1.0}\n{"step": 3, "loss": "x"}\n{"step": 4, "loss": 2.0}\n'
     )
     status, data = call(server, "GET", "/api/runs")
@@ -579,8 +579,8 @@ def test_links_planted_in_a_run_folder_are_not_followed(server, tmp_path):
     secret.write_text("the secret\n")
     ws = server.workspace
     zipped = make_run(ws, "zipped")
-    (zipped / ui.OUT / "softprompt.safetensors").write_bytes(b"x")  # a finished run
-    (zipped / ui.OUT / "stolen.zip").symlink_to(secret)
+    (zipped / ui.OUTPUT_DIR / "softprompt.safetensors").write_bytes(b"x")  # a finished run
+    (zipped / ui.OUTPUT_DIR / "stolen.zip").symlink_to(secret)
     logged = make_run(ws, "logged")
     (logged / ui.LOG_FILE).symlink_to(secret)
     outside = tmp_path / "elsewhere"
@@ -588,8 +588,8 @@ def test_links_planted_in_a_run_folder_are_not_followed(server, tmp_path):
     shutil.move(ws.runs / "x", outside)
     (ws.runs / "linked").symlink_to(outside)
     away = make_run(ws, "away")
-    shutil.rmtree(away / ui.OUT)
-    (away / ui.OUT).symlink_to(tmp_path)
+    shutil.rmtree(away / ui.OUTPUT_DIR)
+    (away / ui.OUTPUT_DIR).symlink_to(tmp_path)
 
     for run_id in ("zipped", "logged", "linked", "away"):
         for path in (f"/api/runs/{run_id}", f"/api/runs/{run_id}/download"):
