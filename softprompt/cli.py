@@ -16,7 +16,7 @@ from typing import Any
 from . import __version__
 from .config import DEVICE_MAPS, DTYPES, FIELDS, PER_INVOCATION, TrainConfig, flag, read_toml
 from .errors import ConfigError, SoftPromptError
-from .runfiles import CONFIG_FILE
+from .runfiles import CONFIG_FILE, StatusFile
 
 log = logging.getLogger("softprompt")
 
@@ -72,6 +72,12 @@ METAVARS = {
 def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", metavar="FILE", help="read options from a TOML file (flags override it)"
+    )
+    p.add_argument(
+        "--status-file",
+        metavar="FILE",
+        help="keep FILE up to date with the run's phase, step and last error, as JSON (for "
+        "programs that watch the run, such as `softprompt ui`)",
     )
     groups: dict[str, Any] = {}
     for name, f in FIELDS.items():
@@ -356,10 +362,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .distributed import from_env
     from .train import Interrupted, train
 
-    cfg = train_config(args)
     main_rank = from_env().main  # under torchrun only rank 0 reports: the others say nothing
     try:
-        result = train(cfg)
+        cfg = train_config(args)
+    except SoftPromptError as e:  # the options themselves are wrong: say so there too
+        StatusFile(args.status_file if main_rank else None).update(
+            phase="failed", message=str(e), force=True
+        )
+        raise
+    try:
+        result = train(cfg, status_file=args.status_file)
     except Interrupted:
         if main_rank:
             raise

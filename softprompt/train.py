@@ -28,7 +28,7 @@ from . import __version__, distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CPU_AUTO_BATCH, DEFAULT_TOKENS, TrainConfig, read_toml, to_toml
 from .data import make_blocks, read_dataset, split_blocks, token_stream, tokenize_dataset
-from .errors import ConfigError, DataError, RunError
+from .errors import ConfigError, DataError, RunError, SoftPromptError
 from .fileio import atomic_write, safe_filename, write_text
 from .formats import kobold, mtjsp, native
 from .model import (
@@ -42,7 +42,7 @@ from .model import (
     pick_dtype,
     uncompile,
 )
-from .runfiles import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, SOFTPROMPT_FILE
+from .runfiles import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, SOFTPROMPT_FILE, StatusFile
 from .soft_prompt import SoftPrompt, block_loss, fused_head, init_tensor, read_init_text
 
 log = logging.getLogger(__name__)
@@ -88,12 +88,44 @@ def _ppl(loss: float | None) -> float | None:
 
 
 def train(
-    config: TrainConfig | None = None, *, model: LoadedModel | None = None, **options: Any
+    config: TrainConfig | None = None,
+    *,
+    model: LoadedModel | None = None,
+    status_file: str | os.PathLike | None = None,
+    **options: Any,
 ) -> TrainResult:
     """Train a soft prompt. ``train(dataset="texts/", output="out", max_steps=100)`` or
     ``train(TrainConfig(...))``. A model already loaded with ``load_model`` may be passed to
     skip loading it again (a string there is the model option: an id, folder or .gguf file).
-    Raises SoftPromptError subclasses for anything the user can fix."""
+    ``status_file``: where to keep a ``status.json`` for a program watching the run (see
+    ``softprompt.runfiles``). Raises SoftPromptError subclasses for anything the user can fix."""
+    status = StatusFile(status_file if distributed.from_env().main else None)
+    try:
+        result = _configure_and_train(config, model, status, options)
+    except Interrupted as e:
+        status.update(phase="stopped", message=str(e), force=True)
+        raise
+    except KeyboardInterrupt:
+        status.update(phase="stopped", message="stopped at once (a second Ctrl-C)", force=True)
+        raise
+    except SoftPromptError as e:
+        status.update(phase="failed", message=str(e), force=True)
+        raise
+    except BaseException as e:
+        status.update(phase="failed", message=f"internal error: {_first_line(e)}", force=True)
+        raise
+    status.update(phase="done", force=True)
+    return result
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+
+
+def _configure_and_train(
+    config: TrainConfig | None, model: LoadedModel | None, status: StatusFile, options: dict
+) -> TrainResult:
     if model is not None and not isinstance(model, LoadedModel):
         options["model"], model = os.fspath(model), None
     if (
@@ -118,11 +150,15 @@ def train(
         log.setLevel(logging.WARNING)  # one voice: rank 0's
     device = model.device if model else distributed.rank_device(ranks, pick_device(cfg.device))
     with distributed.process_group(ranks, device):
-        return _train(cfg, model, ranks, device)
+        return _train(cfg, model, ranks, device, status)
 
 
 def _train(
-    cfg: TrainConfig, model: LoadedModel | None, ranks: distributed.Ranks, device: torch.device
+    cfg: TrainConfig,
+    model: LoadedModel | None,
+    ranks: distributed.Ranks,
+    device: torch.device,
+    status: StatusFile,
 ) -> TrainResult:
     out = Path(cfg.output).expanduser()
     # only rank 0 reads the output folder (on several nodes it is rank 0's)
@@ -411,6 +447,9 @@ def _train(
     }
 
     saved_step = start_step if checkpoint is not None else None  # the checkpoint on disk
+    # time spent training in the segments before this one (a resumed run), then in all
+    elapsed_before = float(checkpoint.get("elapsed_s", 0.0)) if checkpoint is not None else 0.0
+    status.update(step=start_step, total_steps=total_steps, elapsed_s=elapsed_before)
 
     def make_checkpoint(step: int, samples: int) -> None:
         nonlocal saved_step
@@ -432,6 +471,7 @@ def _train(
                 "total_steps": total_steps,
                 "world_size": ranks.world,
                 "samples_per_step": samples_per_step,
+                "elapsed_s": elapsed_before + time.perf_counter() - t_start,
             },
         )
 
@@ -452,6 +492,7 @@ def _train(
         total, count = distributed.sum_across(ranks, list(sums), lm.device)
         loss = total / max(count, 1)
         metrics.write({"step": step, "val_loss": loss, "val_ppl": _ppl(loss)})
+        status.update(val_loss=loss)
         if not cfg.progress:  # without a bar, a line per validation shows the run is alive
             log.info("step %d/%d: validation loss %.4f", step, total_steps, loss)
         return loss
@@ -460,6 +501,7 @@ def _train(
     val_before = validate(start_step) if checkpoint is None else _first_val(metrics.records)
     val_last = val_before
     tokens_per_step = samples_per_step * block_size
+    status.update(phase="training", force=True)
     step, tokens_seen, t_start = start_step, 0, time.perf_counter()
     bar = progress_bar(cfg.progress and ranks.main, total_steps, start_step)
     stop = StopFlag()
@@ -506,6 +548,7 @@ def _train(
                 "elapsed_s": elapsed,
             }
             metrics.write(record)
+            status.update(step=step, elapsed_s=elapsed_before + elapsed)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 val_last = validate(step)
             if bar is not None:
@@ -532,6 +575,7 @@ def _train(
         uncompile(lm.model)  # the report's generation varies its shapes: plain PyTorch suits it
 
     # --- results
+    status.update(phase="writing", step=step, elapsed_s=elapsed_before + seconds)
     val_after = validate(step) if len(val_blocks) else None
     meta = {
         **meta_base,
