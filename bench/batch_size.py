@@ -24,8 +24,8 @@ def child(batch: int, block: int, steps: int, checkpointing: bool) -> dict:
     import torch
 
     from softprompt import load_model
-    from softprompt.model import activation_checkpointing
-    from softprompt.soft_prompt import block_loss
+    from softprompt.loss import block_loss
+    from softprompt.speed import activation_checkpointing
 
     lm = load_model()
     soft = torch.zeros(20, lm.embed_dim, requires_grad=True)

@@ -21,10 +21,17 @@ from pathlib import Path
 import torch
 
 import softprompt
-from softprompt.data import make_blocks, read_dataset, split_blocks, token_stream, tokenize_dataset
-from softprompt.evaluate import score_blocks
+from softprompt.checkpoint import lr_schedule
+from softprompt.data import (
+    BatchSampler,
+    make_blocks,
+    read_dataset,
+    split_blocks,
+    token_stream,
+    tokenize_dataset,
+)
+from softprompt.loss import block_loss, loss_sums
 from softprompt.soft_prompt import embed_ids, init_tensor
-from softprompt.train import BatchSampler, lr_schedule
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "pride_and_prejudice"
@@ -60,13 +67,15 @@ def main() -> None:
     )
 
     def held_out(prefix: torch.Tensor, lead: torch.Tensor | None) -> float:
-        total, count = score_blocks(lm.model, prefix, val, args.batch_size, lm.device, lead, 0)
+        total, count = loss_sums(
+            lm.model, prefix, val, args.batch_size, lm.device, lead=lead, first=0
+        )
         return total / count
 
     empty = torch.zeros(0, lm.embed_dim)
     # [text] cannot predict a block's first token: score tokens 1.. for both model-alone rows
-    alone_bos = score_blocks(lm.model, empty, val, args.batch_size, lm.device, bos, 1)
-    alone = score_blocks(lm.model, empty, val, args.batch_size, lm.device, None, 1)
+    alone_bos = loss_sums(lm.model, empty, val, args.batch_size, lm.device, lead=bos, first=1)
+    alone = loss_sums(lm.model, empty, val, args.batch_size, lm.device, first=1)
     print(f"model alone, tokens 2..T: [BOS][text] {alone_bos[0] / alone_bos[1]:.4f}, ", end="")
     print(f"[text] {alone[0] / alone[1]:.4f}")
     print(f"model alone, [BOS][text], all tokens: {held_out(empty, bos):.4f}")
@@ -84,7 +93,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for step in range(args.steps):
             batch = batches.batch(step * args.batch_size)
-            loss = softprompt.soft_prompt.block_loss(lm.model, prefix_of(soft), batch, lead=lead)
+            loss = block_loss(lm.model, prefix_of(soft), batch, lead=lead)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([soft], 1.0)
             opt.step()

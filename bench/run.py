@@ -175,7 +175,8 @@ def run_peft(args) -> dict:
     import torch
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
-    from softprompt.train import BatchSampler, lr_schedule
+    from softprompt.checkpoint import lr_schedule
+    from softprompt.data import BatchSampler
 
     lm, load_s, train_blocks, val_blocks, init = common_setup(args)
     model = get_peft_model(

@@ -1,7 +1,8 @@
 """From a folder of .txt files to blocks of token ids.
 
 files -> normalised text -> token ids (cached on disk) -> one stream in seeded file order,
-each file followed by EOS -> blocks of ``block_size`` tokens (tail dropped) -> train / val.
+each file followed by EOS -> blocks of ``block_size`` tokens (tail dropped) -> train / val
+-> batches, as a pure function of the data position (``BatchSampler``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .errors import DataError
 from .fileio import atomic_write, cache_root
@@ -287,3 +289,25 @@ def split_blocks(
         return blocks, blocks[:0]
     n_val = min(val_max, max(1, round(len(blocks) * val_fraction)))
     return blocks[:-n_val], blocks[-n_val:]
+
+
+class BatchSampler:
+    """Batches as a pure function of the data position (samples consumed so far): sample s is
+    block ``perm_e[s % N]`` of epoch ``e = s // N``, each epoch's permutation seeded. So a
+    resumed run sees exactly the batches an uninterrupted one would."""
+
+    def __init__(self, blocks: np.ndarray, batch_size: int, seed: int, device: torch.device):
+        self.blocks = torch.from_numpy(np.ascontiguousarray(blocks))
+        self.batch_size, self.seed, self.device = batch_size, seed, device
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(len(self.blocks), generator=gen)}
+        return self._perms[epoch]
+
+    def batch(self, start: int) -> torch.Tensor:
+        n = len(self.blocks)
+        idx = [int(self._perm(s // n)[s % n]) for s in range(start, start + self.batch_size)]
+        return self.blocks[idx].to(self.device, non_blocking=True)  # (B, T)

@@ -174,8 +174,8 @@ def shard_model(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
             raise ConfigError(
                 f"--shard-model needs torch 2.4 or newer (this is {torch.__version__})"
             ) from None
-    from .model import decoder_layers
     from .soft_prompt import PromptedModel
+    from .speed import decoder_layers
 
     if not ranks.enabled:
         raise ConfigError(

@@ -12,7 +12,6 @@ token of a block has no prediction without a prefix, so it is left out everywher
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -21,8 +20,10 @@ import torch
 
 from .data import make_blocks, read_dataset, split_blocks, token_stream, tokenize_dataset
 from .errors import ConfigError, DataError
+from .loss import loss_sums
+from .loss import perplexity as _perplexity
 from .model import LoadedModel
-from .soft_prompt import SoftPrompt, block_loss
+from .soft_prompt import SoftPrompt
 
 DEFAULT_SEED = 1729  # the training default: the same file order, hence the same blocks
 DEFAULT_MAX_BLOCKS = 64
@@ -39,7 +40,7 @@ class Variant:
     perplexity: float = field(init=False)
 
     def __post_init__(self) -> None:
-        self.perplexity = math.exp(min(self.loss, 50.0))
+        self.perplexity = _perplexity(self.loss)  # type: ignore[assignment]
 
 
 @dataclass
@@ -90,32 +91,6 @@ class EvalResult:
         return "\n".join(lines)
 
 
-@torch.no_grad()
-def score_blocks(
-    model: torch.nn.Module,
-    prefix: torch.Tensor,
-    blocks: np.ndarray | torch.Tensor,
-    batch_size: int,
-    device,
-    lead: torch.Tensor | None = None,
-    first: int = 1,
-) -> tuple[float, int]:
-    """Summed cross-entropy (nats) of tokens ``first``..T-1 of every block (N, T) laid out as
-    ``[prefix][lead][block]``, each predicted from everything before it; and the count.
-    ``prefix`` is (n, d) vectors (n may be 0), ``lead`` token ids (the BOS, a hard prompt)."""
-    blocks = (
-        torch.as_tensor(np.ascontiguousarray(blocks)) if isinstance(blocks, np.ndarray) else blocks
-    )
-    total, count = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        batch = blocks[i : i + batch_size].to(device)  # (B, T)
-        T = batch.shape[1]
-        losses = block_loss(model, prefix, batch, reduction="none", lead=lead)
-        total += losses.view(len(batch), -1)[:, -(T - first) :].double().sum().item()
-        count += batch[:, first:].numel()
-    return total, count
-
-
 def init_text_ids(lm: LoadedModel, soft_prompt: SoftPrompt) -> list[int] | None:
     """The tokens the soft prompt was initialised from, when it was made from text: the init
     text's tokens, at most as many as the soft prompt has."""
@@ -154,8 +129,14 @@ def compare_blocks(
                 f"{lm.context_length}: use --block-size {lm.context_length - n_prefix} or less"
             )
         lead_ids = torch.tensor(lead, dtype=torch.long) if lead else None
-        total, count = score_blocks(
-            lm.model, prefix.to(lm.device), blocks, batch_size, lm.device, lead_ids, first
+        total, count = loss_sums(
+            lm.model,
+            prefix.to(lm.device),
+            blocks,
+            batch_size,
+            lm.device,
+            lead=lead_ids,
+            first=first,
         )
         prefix_tokens = prefix.shape[0] + len(lead) - len(bos)
         variants.append(Variant(key, label, prefix_tokens, total / count))
@@ -199,7 +180,7 @@ def evaluate(
     that fraction (and ``max_blocks`` as its --val-max-blocks) held out are scored; with 0, the
     last ``max_blocks`` blocks of the dataset.
     """
-    from .train import default_block_size
+    from .plan import default_block_size
 
     check_options(block_size, max_blocks, val_fraction, batch_size)
     texts = read_dataset(dataset, recursive)
@@ -207,7 +188,7 @@ def evaluate(
     if soft_prompt is not None:
         n_prefix = max(n_prefix, len(init_text_ids(lm, soft_prompt) or []))
     size = block_size or default_block_size(
-        lm.context_length, n_prefix + len(lm.bos_ids), lm.device
+        lm.context_length, n_prefix + len(lm.bos_ids), lm.device.type
     )
     corpus = tokenize_dataset(texts, lm.tokenizer, cache_dir)
     stream = token_stream(corpus, lm.eos_token_id, seed)

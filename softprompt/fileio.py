@@ -78,3 +78,14 @@ def safe_filename(name: str, default: str = "softprompt") -> str:
     if not s or s.split(".")[0].upper() in WINDOWS_RESERVED:
         s = (s + "_") if s else default
     return s
+
+
+def format_bytes(n: float) -> str:
+    """A size for people: 512 bytes, 46.1 KB, 1.3 GB."""
+    if n < 1024:
+        return f"{n:.0f} bytes"
+    for unit in ("KB", "MB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GB"

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .errors import ModelError
+from .speed import contiguous_head_input
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,67 @@ def _quiet():
             pass
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from, found before anything is loaded: what was asked for, and
+    how transformers is to open it."""
+
+    spec: str  # as given (the default model's .gguf path when none was)
+    path: Path | None  # the local file or folder; None for a hub id
+    folder: str  # what ``from_pretrained`` opens: a folder or a hub id
+    load_args: dict[str, Any]  # gguf_file, local_files_only, quantization_config
+    gguf_cache: Path | None = None  # where to keep a dense copy of a .gguf not yet converted
+
+    @property
+    def name(self) -> str:
+        return _short_name(self.spec, self.path)
+
+    @property
+    def source(self) -> str:
+        """What identifies the model for a resumed run: the hub id or the resolved path."""
+        return self.spec if self.path is None else str(self.path.resolve())
+
+
+def find_model(spec: str | os.PathLike | None, dtype: torch.dtype) -> ModelSource:
+    """Where ``spec`` (a hub id, a local folder, a .gguf file, or None for the default model)
+    is and how to open it; ModelError when it is not there. A .gguf converted before opens
+    as its dense copy in the cache (``dtype`` picks the copy)."""
+    if spec is None:
+        path: Path | None = default_model_path()
+        spec_str = str(path)
+    else:
+        spec_str = os.fspath(spec)
+        path = Path(spec_str).expanduser()
+        if not path.exists():
+            if _looks_like_path(spec_str):
+                raise ModelError(
+                    f"model path {spec_str} does not exist: give a model folder, a .gguf file or a Hugging Face id"
+                )
+            return ModelSource(spec_str, None, spec_str, {})  # a hub id
+    assert path is not None
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"model folder {path} has no config.json: it is not a Hugging Face model folder"
+            )
+        return ModelSource(spec_str, path, str(path), {"local_files_only": True})
+    if path.suffix != ".gguf":
+        raise ModelError(
+            f"model file {path} is not a .gguf file: give a .gguf file, a model folder or a Hugging Face id"
+        )
+    cache = gguf_cache_folder(path, dtype)
+    if (cache / COMPLETE).is_file():  # converted before: load the dense copy
+        return ModelSource(spec_str, path, str(cache), {"local_files_only": True})
+    load_args: dict[str, Any] = {"gguf_file": path.name, "local_files_only": True}
+    try:
+        from transformers import GgufConfig  # transformers >= 5: keep it a plain dense model
+
+        load_args["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # pragma: no cover - older transformers always dequantize
+        pass
+    return ModelSource(spec_str, path, str(path.parent), load_args, cache)
+
+
 def load_model(
     spec: str | os.PathLike | None = None,
     device: str | torch.device | None = "auto",
@@ -245,8 +307,6 @@ def load_model(
     ("auto", ...) spreads the layers over the machine's GPUs (accelerate); ``quantize``
     ("8bit", "4bit") loads the weights quantized with bitsandbytes, on CUDA only.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     dev = device if isinstance(device, torch.device) else pick_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, dev)
     kwargs: dict = {_dtype_kwarg(): dt, "trust_remote_code": trust_remote_code}
@@ -257,83 +317,10 @@ def load_model(
         }
     elif device_map:
         kwargs["device_map"] = device_map
-
-    path: Path | None
-    if spec is None:
-        path = default_model_path()
-        spec_str = str(path)
-    else:
-        spec_str = os.fspath(spec)
-        path = Path(spec_str).expanduser()
-        if not path.exists():
-            if _looks_like_path(spec_str):
-                raise ModelError(
-                    f"model path {spec_str} does not exist: give a model folder, a .gguf file or a Hugging Face id"
-                )
-            path = None  # a hub id
-
-    gguf_cache: Path | None = None
-    if path is not None and path.is_file():
-        if path.suffix != ".gguf":
-            raise ModelError(
-                f"model file {path} is not a .gguf file: give a .gguf file, a model folder or a Hugging Face id"
-            )
-        gguf_cache = gguf_cache_folder(path, dt)
-        folder, load_args = str(path.parent), {"gguf_file": path.name}
-        try:
-            from transformers import GgufConfig  # transformers >= 5: keep it a plain dense model
-
-            load_args["quantization_config"] = GgufConfig(dequantize=True)
-        except ImportError:  # pragma: no cover - older transformers always dequantize
-            pass
-        load_args["local_files_only"] = True
-        if (gguf_cache / COMPLETE).is_file():  # converted before: load the dense copy
-            folder, load_args, gguf_cache = str(gguf_cache), {"local_files_only": True}, None
-    elif path is not None:
-        if not (path / "config.json").is_file():
-            raise ModelError(
-                f"model folder {path} has no config.json: it is not a Hugging Face model folder"
-            )
-        folder, load_args = str(path), {"local_files_only": True}
-    else:
-        folder, load_args = spec_str, {}
-
-    try:
-        with _quiet():
-            config = AutoConfig.from_pretrained(
-                folder,
-                trust_remote_code=trust_remote_code,
-                **{k: v for k, v in load_args.items() if k != "quantization_config"},
-            )
-    except Exception as e:  # transformers raises many kinds here
-        raise ModelError(f"cannot read the model config of {spec_str}: {_first_line(e)}") from e
-    if not _is_causal_lm(config):
-        raise ModelError(
-            f"model {spec_str} ({getattr(config, 'model_type', '?')}) is not a causal language model: "
-            "soft prompts need a decoder-only LM such as GPT-2, Llama or Mistral"
-        )
-    try:
-        with _quiet():
-            tokenizer = AutoTokenizer.from_pretrained(
-                folder,
-                trust_remote_code=trust_remote_code,
-                **{k: v for k, v in load_args.items() if k != "quantization_config"},
-            )
-            try:
-                model = AutoModelForCausalLM.from_pretrained(
-                    folder, attn_implementation="sdpa", **kwargs, **load_args
-                )
-            except (ValueError, ImportError) as e:
-                if "sdpa" not in str(e).lower() and "attention" not in str(e).lower():
-                    raise
-                model = AutoModelForCausalLM.from_pretrained(folder, **kwargs, **load_args)
-    except ModelError:
-        raise
-    except Exception as e:
-        raise ModelError(f"cannot load model {spec_str}: {_first_line(e)}") from e
-
-    if gguf_cache is not None:
-        save_gguf_cache(model, tokenizer, gguf_cache)
+    src = find_model(spec, dt)
+    model, tokenizer = _from_pretrained(src, kwargs, trust_remote_code)
+    if src.gguf_cache is not None:
+        save_gguf_cache(model, tokenizer, src.gguf_cache)
     model.requires_grad_(False)
     model.eval()
     if "device_map" in kwargs:  # placed by accelerate: the soft prompt goes with the embeddings
@@ -341,11 +328,45 @@ def load_model(
     else:
         model.to(dev)
     contiguous_head_input(model)
-    name = _short_name(spec_str, path)
-    log.debug("loaded %s on %s as %s", name, dev, dt)
-    return LoadedModel(
-        model, tokenizer, name, spec_str if path is None else str(path.resolve()), dev, dt
-    )
+    log.debug("loaded %s on %s as %s", src.name, dev, dt)
+    return LoadedModel(model, tokenizer, src.name, src.source, dev, dt)
+
+
+def _from_pretrained(src: ModelSource, kwargs: dict, trust_remote_code: bool) -> tuple[Any, Any]:
+    """The model and tokenizer of ``src``; ModelError (one line) for anything that fails,
+    including a model that is not a causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    plain = {k: v for k, v in src.load_args.items() if k != "quantization_config"}
+    try:
+        with _quiet():
+            config = AutoConfig.from_pretrained(
+                src.folder, trust_remote_code=trust_remote_code, **plain
+            )
+    except Exception as e:  # transformers raises many kinds here
+        raise ModelError(f"cannot read the model config of {src.spec}: {_first_line(e)}") from e
+    if not _is_causal_lm(config):
+        raise ModelError(
+            f"model {src.spec} ({getattr(config, 'model_type', '?')}) is not a causal language model: "
+            "soft prompts need a decoder-only LM such as GPT-2, Llama or Mistral"
+        )
+    try:
+        with _quiet():
+            tokenizer = AutoTokenizer.from_pretrained(
+                src.folder, trust_remote_code=trust_remote_code, **plain
+            )
+            args = {**kwargs, **src.load_args}
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    src.folder, attn_implementation="sdpa", **args
+                )
+            except (ValueError, ImportError) as e:
+                if "sdpa" not in str(e).lower() and "attention" not in str(e).lower():
+                    raise
+                model = AutoModelForCausalLM.from_pretrained(src.folder, **args)
+    except Exception as e:
+        raise ModelError(f"cannot load model {src.spec}: {_first_line(e)}") from e
+    return model, tokenizer
 
 
 def bitsandbytes_config(quantize: str, device: torch.device, dtype: torch.dtype, spec) -> Any:
@@ -439,124 +460,6 @@ def save_gguf_cache(model: torch.nn.Module, tokenizer, folder: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     except (OSError, ValueError, RuntimeError) as e:
         log.warning("note: could not keep a converted copy of the model in %s (%s)", folder, e)
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's decoder layers (transformers marks them ``GradientCheckpointingLayer``):
-    the units that checkpointing, compiling and sharding work on. Empty if none are known."""
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # pragma: no cover - transformers < 4.52
-        return []
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
-@contextlib.contextmanager
-def activation_checkpointing(model: torch.nn.Module, enabled: bool = True):
-    """Within the block, each decoder layer keeps only its inputs for the backward pass and
-    recomputes the rest (non-reentrant ``torch.utils.checkpoint`` around the layer's forward,
-    only while gradients are on). The model stays in eval mode, so nothing else changes:
-    transformers' own switch would need the layers in training mode, which turns on dropout
-    in models such as OPT. Measured on SmolLM2-135M (CPU, bf16, 4 x 256): peak memory
-    1,760 -> 1,182 MB at the same speed. A model without recognisable decoder layers runs
-    unchanged (the block yields False)."""
-    layers = decoder_layers(model) if enabled else []
-    if not layers:
-        yield False
-        return
-    from torch.utils.checkpoint import checkpoint
-
-    saved = []
-    for layer in layers:
-        saved.append(layer.__dict__.get("forward"))
-        original = layer.forward
-
-        def forward(*args, _original=original, **kwargs):
-            if torch.is_grad_enabled():
-                return checkpoint(_original, *args, use_reentrant=False, **kwargs)
-            return _original(*args, **kwargs)
-
-        layer.forward = forward
-    try:
-        yield True
-    finally:
-        for layer, previous in zip(layers, saved, strict=True):
-            if previous is None:
-                del layer.forward
-            else:
-                layer.forward = previous
-
-
-def activation_bytes(model: torch.nn.Module, positions: int) -> int:
-    """About what the decoder layers keep for the backward pass without activation
-    checkpointing, for ``positions`` (batch x sequence): per layer and position, 7 x hidden
-    + 3 x MLP width values in the model's dtype. On SmolLM2-135M (bf16) that says 17.3 kB
-    per layer and position where 12.4 kB (compiled) to 12.7 kB (eager) was measured: an
-    estimate that errs on the safe side."""
-    config = getattr(model, "config", None)
-    hidden = model.get_input_embeddings().embedding_dim
-    width = next(
-        (v for k in ("intermediate_size", "n_inner", "ffn_dim") if (v := getattr(config, k, None))),
-        4 * hidden,
-    )
-    size = next(model.parameters()).element_size()
-    return len(decoder_layers(model)) * positions * (7 * hidden + 3 * width) * size
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Bytes free on ``device`` now (a GPU's free memory, the system's available memory for
-    the CPU); None where it cannot be read."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def compile_layers(model: torch.nn.Module) -> bool:
-    """Compile each decoder layer in place (``Module.compile``: the module is unchanged, its
-    calls go through torch.compile). The layers share their code, so the compiled graph is
-    reused from layer to layer. Attention goes through ``attention.attention_forward``, whose
-    faster backward pass only runs compiled. False when the model has no recognisable layers."""
-    from .attention import use_fast_attention
-
-    layers = decoder_layers(model)
-    for layer in layers:
-        layer.compile()
-    if layers:
-        use_fast_attention(model)
-    return bool(layers)
-
-
-def uncompile(model: torch.nn.Module) -> None:
-    """Undo ``compile_layers``: calls go to the plain forward and attention again."""
-    from .attention import restore_attention
-
-    for layer in decoder_layers(model):
-        layer._compiled_call_impl = None
-    restore_attention(model)
-
-
-def contiguous_head_input(model: torch.nn.Module) -> None:
-    """Give the LM head a contiguous input. With ``logits_to_keep`` the model slices the last
-    positions of each sequence, a strided view, and a matmul over a strided 3-D input turns
-    into a batched matmul that copies the head's weight per sequence: measured on
-    SmolLM2-135M (CPU, bf16, batch 4 x 256), training went from 555 to 701 tokens/s."""
-    head = model.get_output_embeddings()
-    if head is None or getattr(head, "_softprompt_contiguous", False):
-        return
-    head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
-    head._softprompt_contiguous = True
 
 
 def _is_causal_lm(config) -> bool:

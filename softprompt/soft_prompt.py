@@ -134,6 +134,28 @@ def init_tensor(
     raise ConfigError(f"--init must be one of text, vocab, random (got {init!r})")
 
 
+def resolve_tokens(cfg, tokenizer, checkpoint: dict | None, init_sp: SoftPrompt | None) -> int:
+    """The soft prompt's length for a run (``cfg`` a TrainConfig): a resumed checkpoint's,
+    --init-from's (--tokens must agree), --tokens, the init text's length, or the default."""
+    from .config import DEFAULT_TOKENS
+
+    if checkpoint is not None:
+        return int(checkpoint["soft_prompt"].shape[0])
+    if init_sp is not None:
+        if cfg.tokens and cfg.tokens != init_sp.n_tokens:
+            raise ConfigError(
+                f"--tokens {cfg.tokens} does not match the {init_sp.n_tokens} tokens of --init-from "
+                f"{cfg.init_from}: leave --tokens out"
+            )
+        return init_sp.n_tokens
+    if cfg.tokens:
+        return cfg.tokens
+    if cfg.init == "text":
+        text = read_init_text(cfg.init_text)
+        return max(1, len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return DEFAULT_TOKENS
+
+
 def read_init_text(value: str | None) -> str:
     """--init-text is either the text itself or a path to a UTF-8 text file."""
     if not value:
@@ -190,13 +212,14 @@ def block_logits(
     block, else T - 1. The last token is not fed in, and no LM head work is done on the
     prefix positions except the last one, which predicts the block's first token.
     ``model`` is a causal LM or a ``PromptedModel`` around one."""
-    keep = n_predicted(soft.shape[0] + _len(lead), block.shape[1])
+    keep = n_predicted(soft.shape[0] + lead_length(lead), block.shape[1])
     if isinstance(model, PromptedModel):
         return model(soft, block_inputs(block, lead), keep)
     return _prompted_logits(model, soft, block_inputs(block, lead), keep)
 
 
-def _len(lead: torch.Tensor | None) -> int:
+def lead_length(lead: torch.Tensor | None) -> int:
+    """How many token ids ``lead`` holds (0 for None)."""
     return 0 if lead is None else len(lead)
 
 
@@ -229,171 +252,3 @@ def n_predicted(n_prefix: int, T: int) -> int:
     before the block (a soft prompt or a BOS token: its last position predicts the first
     token), else all but the first."""
     return T if n_prefix > 0 else T - 1
-
-
-def block_loss(
-    model: torch.nn.Module,
-    soft: torch.Tensor,
-    block: torch.Tensor,
-    reduction: str = "mean",
-    lead: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Cross-entropy (float32) of the tokens of ``block`` (B, T) laid out as
-    ``[soft][lead][block]`` (``lead``: the tokenizer's BOS, see ``LoadedModel.bos_ids``).
-    ``reduction="none"`` gives one loss per token (flattened, B x keep; see block_logits).
-
-    When the model's logits are its LM head applied to its last hidden state (checked once
-    per model, see ``fused_head``), the head and the loss run together a chunk of rows at a
-    time (``head_cross_entropy``) and the (tokens x vocabulary) logits never exist at once."""
-    keep = n_predicted(soft.shape[0] + _len(lead), block.shape[1])
-    labels = block[:, block.shape[1] - keep :].reshape(-1)  # (B x keep,)
-    lm = model.model if isinstance(model, PromptedModel) else model
-    head = fused_head(lm)
-    if head is not None:
-        embeds = prepend(lm, soft, block_inputs(block, lead))  # (B, n + k + T - 1, d)
-        hidden = lm.base_model(inputs_embeds=embeds, use_cache=False)[0]
-        hidden = hidden[:, -keep:].reshape(-1, hidden.shape[-1])  # (B x keep, d)
-        losses = head_cross_entropy(hidden, head.weight, head.bias, labels.to(hidden.device))
-    else:
-        logits = block_logits(model, soft, block, lead)  # (B, keep, V)
-        losses = cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.to(logits.device))
-    if reduction == "none":
-        return losses
-    return losses.sum() if reduction == "sum" else losses.mean()
-
-
-def fused_head(model: torch.nn.Module) -> torch.nn.Linear | None:
-    """The model's LM head when ``head_cross_entropy`` may stand in for the model's own
-    logits: a plain ``nn.Linear`` with ordinary weights (not quantized, not sharded, not
-    spread over devices by a device map), and logits that are exactly that head applied to
-    the base model's last hidden state (no final soft-capping or scaling). The numerical
-    check runs once per model, on eight tokens, and its answer is kept on the model."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    base = getattr(model, "base_model", model)
-    if (
-        type(head) is not torch.nn.Linear
-        or base is model
-        or len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1
-        or hasattr(head, "_hf_hook")
-        or head.weight.device.type == "meta"
-        or type(head.weight.data) is not torch.Tensor  # a DTensor when sharded
-    ):
-        return None
-    verdict = model.__dict__.get("_softprompt_fused_head")
-    if verdict is None:
-        verdict = model.__dict__["_softprompt_fused_head"] = _head_gives_logits(model, head)
-    return head if verdict else None
-
-
-@torch.no_grad()
-def _head_gives_logits(model: torch.nn.Module, head: torch.nn.Linear) -> bool:
-    device = head.weight.device
-    ids = torch.arange(1, 9, device=device).remainder(head.weight.shape[0])[None]
-    try:
-        want = model(input_ids=ids, use_cache=False).logits.float()
-        hidden = model.base_model(input_ids=ids, use_cache=False)[0]
-        got = torch.nn.functional.linear(hidden, head.weight, head.bias).float()  # no hooks
-    except Exception:  # an architecture whose base model wants other inputs: use its logits
-        return False
-    return got.shape == want.shape and bool(
-        (got - want).abs().max() <= 1e-3 * want.abs().max() + 1e-5
-    )
-
-
-CE_CHUNK = 128  # rows of logits turned into float32 at a time (128 measured fastest on CPU)
-
-
-class _RowLosses(torch.autograd.Function):
-    """Per-row losses of ``x`` (N, ...) whose gradients are worked out with them:
-    ``compute(grad)`` returns the (N,) losses and writes into ``grad`` (shaped like ``x``)
-    the gradient of each row's loss with respect to that row. A row's loss depends on its
-    row alone, so the backward pass only scales the saved gradient by the upstream one:
-    nothing is recomputed and no (N, V) float32 tensor is kept."""
-
-    @staticmethod
-    def forward(ctx, x, compute):
-        grad = torch.empty_like(x)
-        losses = compute(grad)
-        ctx.save_for_backward(grad)
-        return losses
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_out[:, None].to(grad.dtype), None
-
-
-def head_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
-) -> torch.Tensor:
-    """Cross-entropy of each row of the logits ``hidden @ weight.T (+ bias)`` (N, d) -> (N, V)
-    against ``labels`` (N,): float32 (N,), differentiable with respect to ``hidden`` only. The
-    logits exist CE_CHUNK rows at a time and the head's matmul runs once."""
-    if hidden.requires_grad:
-        return _RowLosses.apply(hidden, lambda g: _head_losses(hidden, weight, bias, labels, g))
-    return _head_losses(hidden, weight, bias, labels, None)
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each row of ``logits`` (N, V) against ``labels`` (N,): float32 (N,).
-    Unlike ``F.cross_entropy(logits.float())`` it never holds an (N, V) float32 copy of the
-    logits (400 MB less on SmolLM2 at batch 4 x 256 tokens)."""
-    if logits.requires_grad:
-        return _RowLosses.apply(logits, lambda g: _logits_losses(logits, labels, g))
-    return _logits_losses(logits, labels, None)
-
-
-def _head_losses(hidden, weight, bias, labels, grad: torch.Tensor | None) -> torch.Tensor:
-    """The work of ``head_cross_entropy``: each chunk's logits go into one buffer reused from
-    chunk to chunk; with ``grad``, each row's gradient with respect to its hidden row is
-    written there."""
-    n, vocab = hidden.shape[0], weight.shape[0]
-    buffers = _ChunkBuffers(n, vocab, hidden.device)
-    logits = hidden.new_empty(buffers.chunk, vocab)
-    for i, m in buffers.chunks():
-        z = logits[:m]
-        torch.mm(hidden[i : i + m], weight.t(), out=z)
-        if bias is not None:
-            z.add_(bias)
-        buffers.losses[i : i + m] = buffers.rows_losses(z, labels[i : i + m], grad is not None)
-        if grad is not None:
-            torch.mm(z, weight, out=grad[i : i + m])
-    return buffers.losses
-
-
-def _logits_losses(logits, labels, grad: torch.Tensor | None) -> torch.Tensor:
-    """The work of ``cross_entropy``; with ``grad``, each row's gradient is written there."""
-    buffers = _ChunkBuffers(*logits.shape, logits.device)
-    for i, m in buffers.chunks():
-        z = logits[i : i + m] if grad is None else grad[i : i + m].copy_(logits[i : i + m])
-        buffers.losses[i : i + m] = buffers.rows_losses(z, labels[i : i + m], grad is not None)
-    return buffers.losses
-
-
-class _ChunkBuffers:
-    """Cross-entropy of (n, vocab) logits CE_CHUNK rows at a time, in a float32 buffer reused
-    from chunk to chunk: fresh memory for every chunk costs more in page faults than the
-    arithmetic (SmolLM2, CPU, 1,024 rows: 130 ms with fresh tensors, 30 ms reused)."""
-
-    def __init__(self, n: int, vocab: int, device) -> None:
-        self.n, self.chunk = n, min(CE_CHUNK, n)
-        self.logp = torch.empty(self.chunk, vocab, dtype=torch.float32, device=device)
-        self.rows = torch.arange(self.chunk, device=device)
-        self.losses = torch.empty(n, dtype=torch.float32, device=device)
-
-    def chunks(self):
-        for i in range(0, self.n, self.chunk):
-            yield i, min(self.chunk, self.n - i)
-
-    def rows_losses(self, z: torch.Tensor, labels: torch.Tensor, grad: bool) -> torch.Tensor:
-        """Losses of the logits rows ``z`` (m, vocab) against ``labels`` (m,); with ``grad``,
-        d loss / d logits (softmax - onehot) is written back into ``z``."""
-        m = z.shape[0]
-        lp, rows = self.logp[:m], self.rows[:m]
-        torch.log_softmax(lp.copy_(z), dim=-1, out=lp)
-        losses = lp[rows, labels].neg()
-        if grad:
-            lp.exp_()
-            lp[rows, labels] -= 1.0
-            z.copy_(lp)
-        return losses

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from softprompt import attention, load_model
-from softprompt.model import compile_layers, uncompile
+from softprompt.speed import compile_layers, uncompile
 
 
 def _qkv(heads, kv_heads, dtype, t=37, d=16, seed=0):

@@ -21,8 +21,8 @@ from conftest import BOS_ARCHS, assert_one_line_error, run_cli
 from softprompt import SoftPrompt, evaluate, load_model
 from softprompt.data import make_blocks, read_dataset, split_blocks, token_stream, tokenize_dataset
 from softprompt.generate import encode_prompt, stream_ids
+from softprompt.loss import block_loss
 from softprompt.serve import Server
-from softprompt.soft_prompt import block_loss
 
 PROMPT = "It is a truth universally acknowledged, that a single man"
 INIT_TEXT = "Mr. Darcy and Elizabeth Bennet"

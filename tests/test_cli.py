@@ -308,8 +308,8 @@ def test_activation_estimate_errs_on_the_safe_side_of_a_measurement(tiny_models)
     import torch
 
     from softprompt import load_model
-    from softprompt.model import activation_bytes
-    from softprompt.soft_prompt import block_loss
+    from softprompt.loss import block_loss
+    from softprompt.speed import activation_bytes
 
     lm = load_model(str(tiny_models["llama"]), device="cpu", dtype="float32")
     soft = torch.zeros(4, lm.embed_dim, requires_grad=True)
@@ -341,8 +341,8 @@ def test_compile_is_decided_from_the_runs_length_unless_given(
 
     from softprompt.config import read_toml
 
-    train_module = importlib.import_module("softprompt.train")
-    monkeypatch.setattr(train_module, "COMPILE_AFTER_S", after_s)
+    plan_module = importlib.import_module("softprompt.plan")
+    monkeypatch.setattr(plan_module, "COMPILE_AFTER_S", after_s)
     # a compiled run sets torch._dynamo's suppress_errors for the process: restored after
     with torch._dynamo.config.patch(suppress_errors=False):
         code, _, err = run(capsys, "train", "--dataset", corpus, "--output", tmp_path / "out",

@@ -14,7 +14,7 @@ from softprompt import SoftPrompt, evaluate
 from softprompt.cli import main
 from softprompt.data import load_corpus, make_blocks, split_blocks, token_stream
 from softprompt.errors import ConfigError, DataError
-from softprompt.evaluate import score_blocks
+from softprompt.loss import loss_sums
 
 INIT_TEXT = "Mr. Darcy and Elizabeth Bennet"
 
@@ -75,7 +75,7 @@ def test_numbers_match_a_direct_computation(tiny_llama, soft, corpus):
 
 def test_empty_prefix_equals_no_prompt(tiny_llama):
     blocks = np.random.default_rng(0).integers(1, 300, size=(3, 16))
-    empty = score_blocks(
+    empty = loss_sums(
         tiny_llama.model, torch.zeros(0, tiny_llama.embed_dim), blocks, 2, tiny_llama.device
     )
     assert empty[1] == 3 * 15

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import softprompt.loss as L
 import softprompt.soft_prompt as sp
 from softprompt import load_model
 
@@ -15,12 +16,12 @@ from softprompt import load_model
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("n", [1, 127, 128, 300])
 def test_chunked_cross_entropy_matches_torch(dtype, tol, n, monkeypatch):
-    monkeypatch.setattr(sp, "CE_CHUNK", 128)
+    monkeypatch.setattr(L, "CE_CHUNK", 128)
     torch.manual_seed(n)
     logits = (torch.randn(n, 1000) * 4).to(dtype).requires_grad_()
     labels = torch.randint(0, 1000, (n,))
     weights = torch.rand(n)  # a non-uniform upstream gradient
-    got = sp.cross_entropy(logits, labels)
+    got = L.cross_entropy(logits, labels)
     (got * weights).sum().backward()
     got_grad = logits.grad.clone()
     logits.grad = None
@@ -36,14 +37,14 @@ def test_chunked_cross_entropy_matches_torch(dtype, tol, n, monkeypatch):
 @pytest.mark.parametrize("n", [1, 127, 128, 300])
 @pytest.mark.parametrize("bias", [False, True])
 def test_head_cross_entropy_matches_torch(dtype, tol, n, bias, monkeypatch):
-    monkeypatch.setattr(sp, "CE_CHUNK", 128)
+    monkeypatch.setattr(L, "CE_CHUNK", 128)
     torch.manual_seed(n)
     hidden = torch.randn(n, 16).to(dtype).requires_grad_()
     weight = (torch.randn(1000, 16) * 0.5).to(dtype)
     b = torch.randn(1000).to(dtype) if bias else None
     labels = torch.randint(0, 1000, (n,))
     weights = torch.rand(n)  # a non-uniform upstream gradient
-    got = sp.head_cross_entropy(hidden, weight, b, labels)
+    got = L.head_cross_entropy(hidden, weight, b, labels)
     (got * weights).sum().backward()
     got_grad = hidden.grad.clone()
     hidden.grad = None
@@ -55,7 +56,7 @@ def test_head_cross_entropy_matches_torch(dtype, tol, n, bias, monkeypatch):
     assert got_grad.dtype == dtype
     torch.testing.assert_close(got_grad.float(), hidden.grad.float(), rtol=tol, atol=tol)
     with torch.no_grad():  # without gradients: the same losses, no gradient work
-        torch.testing.assert_close(sp.head_cross_entropy(hidden, weight, b, labels), got)
+        torch.testing.assert_close(L.head_cross_entropy(hidden, weight, b, labels), got)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gptj", "opt350", "llama", "gemma", "gpt_neox"])
@@ -63,10 +64,10 @@ def test_block_loss_matches_the_plain_computation(tiny_models, arch):
     """The fused head + loss (GPT-J's head has a bias, OPT-350m projects its last hidden
     state) gives the loss and gradient of the model's own logits."""
     lm = load_model(str(tiny_models[arch]), device="cpu", dtype="float32")
-    assert sp.fused_head(lm.model) is lm.model.get_output_embeddings()
+    assert L.fused_head(lm.model) is lm.model.get_output_embeddings()
     soft = torch.randn(4, lm.embed_dim, requires_grad=True)
     block = torch.randint(0, 300, (3, 10))
-    got = sp.block_loss(lm.model, soft, block)
+    got = L.block_loss(lm.model, soft, block)
     (g_got,) = torch.autograd.grad(got, soft)
     logits = lm.model(inputs_embeds=sp.prepend(lm.model, soft, block)).logits[:, 3:13]
     want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), block.reshape(-1))
@@ -81,12 +82,12 @@ def test_logits_that_are_not_the_plain_head_use_the_models_own(tiny_models):
     its own logits."""
     lm = load_model(str(tiny_models["llama"]), device="cpu", dtype="float32")
     lm.model.get_output_embeddings().register_forward_hook(lambda mod, args, out: out * 2)
-    assert sp.fused_head(lm.model) is None
+    assert L.fused_head(lm.model) is None
     soft = torch.randn(4, lm.embed_dim)
     block = torch.randint(0, 300, (2, 10))
     logits = lm.model(inputs_embeds=sp.prepend(lm.model, soft, block)).logits[:, 3:13]
     want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), block.reshape(-1))
-    torch.testing.assert_close(sp.block_loss(lm.model, soft, block), want)
+    torch.testing.assert_close(L.block_loss(lm.model, soft, block), want)
 
 
 def test_bfloat16_training_loss_tracks_float32(tiny_models):
@@ -95,13 +96,13 @@ def test_bfloat16_training_loss_tracks_float32(tiny_models):
     losses = {}
     for dtype in ("float32", "bfloat16"):
         lm = load_model(str(tiny_models["llama"]), device="cpu", dtype=dtype)
-        losses[dtype] = sp.block_loss(lm.model, soft, block).item()
+        losses[dtype] = L.block_loss(lm.model, soft, block).item()
     assert abs(losses["float32"] - losses["bfloat16"]) < 0.05
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt350", "gemma", "gpt_neox"])
 def test_activation_checkpointing_gives_the_same_loss_and_gradient(tiny_models, arch):
-    from softprompt.model import activation_checkpointing
+    from softprompt.speed import activation_checkpointing
 
     lm = load_model(str(tiny_models[arch]), device="cpu", dtype="float32")
     torch.manual_seed(0)
@@ -111,7 +112,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradient(tiny_models, 
     for enabled in (False, True):
         with activation_checkpointing(lm.model, enabled) as active:
             assert active is enabled
-            loss = sp.block_loss(lm.model, soft, block)
+            loss = L.block_loss(lm.model, soft, block)
             (grad,) = torch.autograd.grad(loss, soft)
         results.append((loss.detach(), grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
@@ -130,7 +131,7 @@ def test_prompted_model_wrapper_gives_the_same_loss_and_gradient(tiny_models, ar
     block = torch.randint(0, 300, (2, 10))
     results = []
     for net in (lm.model, sp.PromptedModel(lm.model)):
-        loss = sp.block_loss(net, soft, block)
+        loss = L.block_loss(net, soft, block)
         (grad,) = torch.autograd.grad(loss, soft)
         results.append((loss.detach(), grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from softprompt import train
+from softprompt.checkpoint import lr_schedule
 from softprompt.errors import RunError
-from softprompt.train import lr_schedule
 
 COMMON = dict(
     block_size=32, batch_size=2, eval_every=0, save_every=0, progress=False, lr=0.05, warmup=0.1

@@ -13,8 +13,9 @@ from conftest import assert_one_line_error
 from conftest import run_cli as run
 
 from softprompt import train
-from softprompt.checkpoint import load_checkpoint
+from softprompt.checkpoint import load_checkpoint, space_needed
 from softprompt.errors import RunError
+from softprompt.fileio import format_bytes
 
 # the module (the attribute softprompt.train is the function)
 train_module = importlib.import_module("softprompt.train")
@@ -52,15 +53,15 @@ def test_too_little_free_disk_is_refused_before_anything_is_written(
     with pytest.raises(RunError) as e:
         train(dataset=str(corpus), output=str(out), model=tiny_llama, max_steps=1, **TINY_OPTIONS)
     msg = str(e.value)
-    need = train_module.space_needed(20, tiny_llama.embed_dim)
+    need = space_needed(20, tiny_llama.embed_dim)
     assert str(out) in msg and "9.8 KB free" in msg
-    assert train_module.format_bytes(need) in msg and "choose another folder" in msg
+    assert format_bytes(need) in msg and "choose another folder" in msg
     assert seen == [tmp_path]  # the nearest folder that exists
     assert not (tmp_path / "new").exists()
 
 
 def test_enough_free_disk_passes(tiny_llama, corpus, tmp_path, monkeypatch):
-    need = train_module.space_needed(20, tiny_llama.embed_dim)
+    need = space_needed(20, tiny_llama.embed_dim)
     Usage = collections.namedtuple("Usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(need * 2, need, need))
     result = train(
@@ -75,11 +76,11 @@ def test_enough_free_disk_passes(tiny_llama, corpus, tmp_path, monkeypatch):
 
 def test_space_needed_and_format_bytes():
     # 20 tokens x 576 wide (SmolLM2-135M): 4 copies x 3 (AdamW) x 46 KB + 1 MB
-    assert train_module.space_needed(20, 576) == 4 * 3 * 20 * 576 * 4 + (1 << 20)
-    assert train_module.format_bytes(512) == "512 bytes"
-    assert train_module.format_bytes(1536) == "1.5 KB"
-    assert train_module.format_bytes(3 << 20) == "3.0 MB"
-    assert train_module.format_bytes(5 << 30) == "5.0 GB"
+    assert space_needed(20, 576) == 4 * 3 * 20 * 576 * 4 + (1 << 20)
+    assert format_bytes(512) == "512 bytes"
+    assert format_bytes(1536) == "1.5 KB"
+    assert format_bytes(3 << 20) == "3.0 MB"
+    assert format_bytes(5 << 30) == "5.0 GB"
 
 
 # ----------------------------------------------------------------------------- divergence

@@ -12,7 +12,8 @@ import torch
 from conftest import ARCHS, stop_after
 
 from softprompt import SoftPrompt, load_model, train
-from softprompt.soft_prompt import block_loss, prepend
+from softprompt.loss import block_loss
+from softprompt.soft_prompt import prepend
 
 FAST = dict(
     block_size=32, batch_size=2, max_steps=4, eval_every=2, save_every=2, progress=False, lr=0.05
