@@ -144,7 +144,11 @@ class TrainConfig:
         "(default: on a CPU, on when the training steps would take more than 2 minutes "
         "uncompiled; on a GPU, off)",
     )
-    eval_every: int = _opt(50, "steps between validation runs (0: only at start and end)")
+    eval_every: int | None = _opt(
+        None,
+        "steps between validation runs (default: about 10 a run, so the loss curve has "
+        "points; 0: only at the start and the end)",
+    )
     save_every: int = _opt(50, "steps between checkpoints (0: only at the end)")
     seed: int = _opt(1729, "random seed (file order, batches, initialisation)")
     # the run itself
@@ -217,7 +221,7 @@ class TrainConfig:
             "--max-grad-norm must be 0 (off) or more (a finite number)",
         )
         need(0 <= self.seed <= MAX_SEED, f"--seed must be a whole number from 0 to {MAX_SEED}")
-        need(self.eval_every >= 0, "--eval-every must be 0 or more")
+        need(self.eval_every is None or self.eval_every >= 0, "--eval-every must be 0 or more")
         need(self.save_every >= 0, "--save-every must be 0 or more")
         if self.init == "text":
             need(bool(self.init_text), "--init text needs --init-text TEXT_OR_FILE")
