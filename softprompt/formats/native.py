@@ -5,24 +5,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..errors import FormatError
 from ..fileio import atomic_write
-from ..soft_prompt import SoftPrompt
-from .common import (
-    check_shape,
-    check_tensor,
-    parse_json,
-    printable,
-    soft_prompt_tensor,
-    stored_meta,
-)
+from .common import check_shape, check_tensor, loaded, parse_json, printable, stored_meta
+
+if TYPE_CHECKING:
+    from ..soft_prompt import SoftPrompt
 
 NAME = "safetensors"
 EXTENSIONS = (".safetensors",)
+WRITABLE = True
+FOLDER = False
 TENSOR_KEY = "soft_prompt"
 FLAT_KEYS = ("name", "description", "author", "model", "init", "steps", "val_loss")
 WHAT = "softprompt .safetensors file (one soft_prompt tensor)"
@@ -70,12 +67,11 @@ def load(path: Path) -> SoftPrompt:
     for k in FLAT_KEYS:
         if k in raw_meta and k not in meta:
             meta[k] = raw_meta[k]
-    tensor, meta["file_dtype"] = soft_prompt_tensor(tensor, str(path))
-    meta["format"] = NAME
-    return SoftPrompt(tensor, meta)
+    return loaded(tensor, meta, NAME, str(path), warn_length=False)
 
 
 def save(sp: SoftPrompt, path: Path) -> None:
+    import torch
     from safetensors.torch import save
 
     check_tensor(sp.tensor.numpy().astype(np.float32), str(path))
