@@ -143,7 +143,8 @@ def _add_switch(target: Any, f: dataclasses.Field, help_text: str, suppress: boo
 def _add_value(target: Any, f: dataclasses.Field, help_text: str, suppress: bool) -> None:
     """An option that takes a value (or, positional, an optional argument)."""
     kind, meta = field_kind(f), f.metadata
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    factory = f.default_factory
+    default: Any = factory() if callable(factory) else f.default
     if meta.get("positional"):
         target.add_argument(f.name, nargs="?", default=default, help=help_text)
         return

@@ -54,8 +54,8 @@ class EvalOptions:
     """`softprompt eval`, besides the device options."""
 
     model: str | None = option(None, MODEL_HELP)
-    softprompt: str | None = option(None, SOFTPROMPT_HELP, "FILE", required=True)
-    dataset: str | None = option(None, "a .txt file or a folder of them", "PATH", required=True)
+    softprompt: str = option(None, SOFTPROMPT_HELP, "FILE", required=True)
+    dataset: str = option(None, "a .txt file or a folder of them", "PATH", required=True)
     recursive: bool = option(False, "also read .txt files in sub-folders")
     block_size: int | None = option(
         None, "tokens per block (default: as training picks it for this soft prompt)", "N"

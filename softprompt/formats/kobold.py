@@ -112,15 +112,16 @@ def load(path: Path) -> SoftPrompt:
         with zipfile.ZipFile(path) as z:
             check_zip(z, path, MAX_TENSOR_BYTES + MAX_META_BYTES + MAX_OTHER_BYTES)
             arr, file_dtype = read_tensor(z, "tensor.npy", path, "KoboldAI soft prompt zip")
-            meta = {}
+            meta: dict = {}
             if "meta.json" in z.namelist():
-                meta = parse_json(
+                doc = parse_json(
                     _member(z, "meta.json", MAX_META_BYTES, path),
                     f"{path}: meta.json",
                     "a JSON object with the name, description, author and supported models",
                 )
-                if not isinstance(meta, dict):
+                if not isinstance(doc, dict):
                     raise FormatError(f"{path}: meta.json is not a JSON object")
+                meta = doc
     except (
         zipfile.BadZipFile,
         zipfile.LargeZipFile,

@@ -154,7 +154,11 @@ def load(path: Path) -> SoftPrompt:
     tensor = unpickle_tensor(raw, str(path))
     if tensor.dim() == 3 and tensor.shape[0] == 1:  # mkultra keeps a batch dimension
         tensor = tensor[0]
-    metadata = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
-    meta = {k: v for k, v in metadata.items() if isinstance(k, str)}
+    metadata = doc.get("metadata")
+    meta = (
+        {k: v for k, v in metadata.items() if isinstance(k, str)}
+        if isinstance(metadata, dict)
+        else {}
+    )
     meta.setdefault("name", path.stem)
     return loaded(tensor, meta, NAME, str(path))

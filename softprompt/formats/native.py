@@ -59,11 +59,10 @@ def load(path: Path) -> SoftPrompt:
         raise FormatError(
             f"{path} is not a readable .safetensors file ({printable((str(e).strip() or type(e).__name__).splitlines()[0])})"
         ) from None
-    meta = {}
+    meta: dict = {}
     if "meta" in raw_meta:
-        meta = parse_json(raw_meta["meta"], f'{path}: "meta" in its header', "the metadata as JSON")
-    if not isinstance(meta, dict):
-        meta = {}
+        doc = parse_json(raw_meta["meta"], f'{path}: "meta" in its header', "the metadata as JSON")
+        meta = doc if isinstance(doc, dict) else {}
     for k in FLAT_KEYS:
         if k in raw_meta and k not in meta:
             meta[k] = raw_meta[k]
