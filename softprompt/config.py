@@ -243,38 +243,46 @@ class TrainConfig:
         need(self.save_every >= 0, "--save-every must be 0 or more")
         if self.init == "text":
             need(bool(self.init_text), "--init text needs --init-text TEXT_OR_FILE")
+        problems += self._text_problems() + self._combination_problems()
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return self
+
+    def _text_problems(self) -> list[str]:
+        problems = []
         for name, value in self.to_dict().items():
             if not isinstance(value, str):
                 continue
             # config.toml is UTF-8: a lone surrogate (from a JSON "\ud800" or undecodable
             # command-line bytes) cannot be written to it
-            need(
-                not SURROGATE.search(value),
-                f"{flag(name)} is not valid Unicode text (it holds a lone surrogate)",
-            )
-            need(
-                name not in PATHS or "\0" not in value,
-                f"{flag(name)} holds a NUL character, which no path can hold",
-            )
-        need(
-            self.device_map in (None, *DEVICE_MAPS),
-            f"--device-map must be one of {', '.join(DEVICE_MAPS)} (got {self.device_map!r})",
-        )
-        need(
-            not (self.load_in_8bit and self.load_in_4bit),
-            "--load-in-8bit and --load-in-4bit exclude each other: pick one",
-        )
-        need(
-            not (self.shard_model and self.device_map),
-            "--shard-model (FSDP across processes) and --device-map (one process) exclude each other",
-        )
-        need(
-            not (self.shard_model and self.quantize),
-            "--shard-model cannot shard a bitsandbytes-quantized model: use one of them",
-        )
-        if problems:
-            raise ConfigError("; ".join(problems))
-        return self
+            if SURROGATE.search(value):
+                problems.append(
+                    f"{flag(name)} is not valid Unicode text (it holds a lone surrogate)"
+                )
+            if name in PATHS and "\0" in value:
+                problems.append(f"{flag(name)} holds a NUL character, which no path can hold")
+        return problems
+
+    def _combination_problems(self) -> list[str]:
+        checks = [
+            (
+                self.device_map in (None, *DEVICE_MAPS),
+                f"--device-map must be one of {', '.join(DEVICE_MAPS)} (got {self.device_map!r})",
+            ),
+            (
+                not (self.load_in_8bit and self.load_in_4bit),
+                "--load-in-8bit and --load-in-4bit exclude each other: pick one",
+            ),
+            (
+                not (self.shard_model and self.device_map),
+                "--shard-model (FSDP across processes) and --device-map (one process) exclude each other",
+            ),
+            (
+                not (self.shard_model and self.quantize),
+                "--shard-model cannot shard a bitsandbytes-quantized model: use one of them",
+            ),
+        ]
+        return [msg for ok, msg in checks if not ok]
 
     @property
     def quantize(self) -> str | None:

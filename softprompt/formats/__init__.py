@@ -51,7 +51,10 @@ class WritableFormat(Format, Protocol):
 
 
 # Detection order matters: an mtj-softtuner NPZ also holds tensor.npy, so mtjsp goes first.
-FORMATS: dict[str, Format] = {m.NAME: m for m in (mtjsp, kobold, native, peft, mkultra)}
+# (Typed, so that mypy checks each module against Format.)
+_MODULES: tuple[Format, ...] = (mtjsp, kobold, native, peft, mkultra)
+_WRITERS: tuple[WritableFormat, ...] = (kobold, native, peft)
+FORMATS: dict[str, Format] = {m.NAME: m for m in _MODULES}
 
 
 def writable() -> tuple[str, ...]:
