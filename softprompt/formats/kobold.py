@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from ..soft_prompt import SoftPrompt
 
 NAME = "kobold"
-EXTENSIONS = (".zip",)
+EXTENSIONS: tuple[str, ...] = (".zip",)
 WRITABLE = True
 FOLDER = False
 MAX_TOKENS = KOBOLD_MAX_TOKENS

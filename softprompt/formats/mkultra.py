@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from ..soft_prompt import SoftPrompt
 
 NAME = "mkultra"
-EXTENSIONS = (".json",)
+EXTENSIONS: tuple[str, ...] = (".json",)
 WRITABLE = False
 FOLDER = False
 MAX_FILE_BYTES = MAX_TENSOR_BYTES * 3 // 2  # base64 makes 3 bytes 4; metadata is small

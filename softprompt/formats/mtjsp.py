@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from ..soft_prompt import SoftPrompt
 
 NAME = "mtjsp"
-EXTENSIONS = (".mtjsp",)
+EXTENSIONS: tuple[str, ...] = (".mtjsp",)
 WRITABLE = False
 FOLDER = False
 # opt_state (Adam's two moments) is twice the tensor; in an NPZ it is never read, only

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ..soft_prompt import SoftPrompt
 
 NAME = "safetensors"
-EXTENSIONS = (".safetensors",)
+EXTENSIONS: tuple[str, ...] = (".safetensors",)
 WRITABLE = True
 FOLDER = False
 TENSOR_KEY = "soft_prompt"
