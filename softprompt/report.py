@@ -3,6 +3,9 @@
 The report holds the loss curve (train and validation against steps), validation loss and
 perplexity before and after, tokens seen, time, speed, and a few short continuations with and
 without the soft prompt, from prompts taken at the start of validation blocks.
+
+matplotlib, which draws the curve, is optional (``pip install 'softprompt[plot]'``): without
+it the report is written without the picture, with a note.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import io
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -98,8 +101,9 @@ def sample_prompts(
 ) -> list[str]:
     """The text of the first ``tokens`` tokens of the first ``n`` blocks."""
     out = []
+    tokenizer: Any = lm.tokenizer
     for block in blocks[:n]:
-        text = lm.tokenizer.decode([int(t) for t in block[:tokens]], skip_special_tokens=True)
+        text = tokenizer.decode([int(t) for t in block[:tokens]], skip_special_tokens=True)
         if text.strip():
             out.append(text)
     return out
@@ -206,7 +210,8 @@ def write_report(
         png = plot_losses(result.metrics, f"{result.soft_prompt.name}: loss")
     except ImportError:
         log.warning(
-            "note: matplotlib is not installed, so report.md has no loss curve (pip install matplotlib)"
+            "note: matplotlib is not installed, so report.md has no loss curve "
+            "(pip install 'softprompt[plot]')"
         )
     except Exception as e:  # a plotting problem must not cost the finished run
         log.warning("note: could not draw the loss curve: %s", e)
