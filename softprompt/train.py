@@ -317,9 +317,7 @@ def setup(
         checkpoint=checkpoint,
         mtj_step=mtj_step,
     )
-    _log_setup(corpus, len(blocks), plan, lm, int(wanted), checkpoint)
-    if (note := small_dataset_note(len(stream))) is not None:
-        log.warning("%s", note)
+    _log_setup(corpus, len(stream), len(blocks), plan, lm, int(wanted), checkpoint)
     state = _initial_state(cfg, lm, plan, ranks, checkpoint, init_sp)
     identity = {
         "dataset_hash": corpus.content_hash,
@@ -412,7 +410,9 @@ def _initial_state(
     return state
 
 
-def _log_setup(corpus, n_blocks: int, plan: Plan, lm: LoadedModel, wanted: int, checkpoint) -> None:
+def _log_setup(
+    corpus, n_stream: int, n_blocks: int, plan: Plan, lm: LoadedModel, wanted: int, checkpoint
+) -> None:
     if checkpoint is not None and int(checkpoint.get("world_size", 1)) != plan.world:
         log.info(
             "resuming a %d-rank run on %d rank%s: per-rank batch %d, accumulation %d, global "
@@ -440,6 +440,8 @@ def _log_setup(corpus, n_blocks: int, plan: Plan, lm: LoadedModel, wanted: int, 
     )
     if corpus.skipped:
         log.info("skipped: %s", ", ".join(corpus.skipped))
+    if (note := small_dataset_note(n_stream)) is not None:
+        log.warning("%s", note)
     log.info(
         "model: %s on %s (%s), context %d, embedding width %d",
         lm.name,
