@@ -344,9 +344,9 @@ def start_event_stream(request: Request) -> None:
 # --------------------------------------------------------------------------- bodies
 
 
-def content_length(text: str) -> int | None:
-    """A Content-Length in ASCII digits, else None (``int`` takes "+5", "1_0" and other
-    scripts' digits)."""
+def whole_number(text: str) -> int | None:
+    """A whole number written in ASCII digits (a Content-Length, a query's number), else
+    None: ``int`` takes "+5", "1_0" and other scripts' digits ("²" passes ``isdigit``)."""
     return int(text) if re.fullmatch(r"[0-9]{1,20}", text.strip()) else None
 
 
@@ -362,7 +362,7 @@ def read_body(request: Request, limit: int, too_large: int = 413) -> bytes:
     if raw is None:
         request._unread = False
         return b""
-    length = content_length(raw)
+    length = whole_number(raw)
     if length is None:
         request.close_connection = True  # where its body ends is unknown
         raise error(400, f"bad Content-Length {raw!r}", "bad_input")
@@ -424,4 +424,5 @@ __all__ = [
     "send",
     "send_json",
     "start_event_stream",
+    "whole_number",
 ]

@@ -222,7 +222,7 @@ def test_upload_sanitises_names_and_checks_text(server, monkeypatch):
     assert status == 400 and "only .txt" in data["error"]
     status, data = call(server, "POST", "/api/upload?dataset=a&filename=b.txt", raw=b"\xff\xfe\x00")
     assert status == 400 and "not UTF-8" in data["error"]
-    monkeypatch.setattr(ui, "MAX_UPLOAD", 10)
+    monkeypatch.setattr(server, "max_upload", 10)  # the upload limit
     status, data = call(server, "POST", "/api/upload?dataset=a&filename=c.txt", raw=b"x" * 100)
     assert status == 400 and "limit" in data["error"]
     datasets = call(server, "GET", "/api/datasets")[1]["datasets"]
