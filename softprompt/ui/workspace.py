@@ -364,7 +364,8 @@ class Workspace:
             "can_generate": finished and not running,
             **progress(records, lines, running, current),
         }
-        if state == "running" and not records:  # what it is doing before the first step
+        starting = current is None or current["phase"] == "starting"
+        if state == "running" and starting and not records:  # what it does before training
             info["activity"] = next(
                 (x for x in reversed(lines) if x.strip() and not x.startswith(MARK)),
                 "starting",
