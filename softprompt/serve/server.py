@@ -22,8 +22,10 @@ from ..generate import Cancel, Progress, soft_tensor, stream_text
 from ..http import App, HTTPError, Listener, Request, Route, Router
 from ..model import LoadedModel
 from ..soft_prompt import SoftPrompt
-from . import kobold, openai
+from .kobold import OPEN_ROUTES, unauthorized
+from .kobold import ROUTES as KOBOLD_ROUTES
 from .library import SoftPromptLibrary, UnknownSoftPrompt, resolve_softprompts
+from .openai import ROUTES as OPENAI_ROUTES
 from .queue import GenerationQueue, Job
 from .request import MAX_BODY_BYTES, GenRequest
 
@@ -137,7 +139,7 @@ class Server(App):
         if selected:
             self._select_at_start(selected)
         self.routes = Router()
-        for method, path, fn in [*kobold.ROUTES, *openai.ROUTES, ("OPTIONS", "*", preflight)]:
+        for method, path, fn in [*KOBOLD_ROUTES, *OPENAI_ROUTES, ("OPTIONS", "*", preflight)]:
             self.routes.add(method, path, fn)
 
     def _select_at_start(self, name: str) -> None:
@@ -278,10 +280,10 @@ class Server(App):
         """The API key: needed for everything but the preflight and the open routes."""
         r.authorized = check_bearer(r, self.api_key)  # type: ignore[attr-defined]
         method = "GET" if r.command == "HEAD" else r.command
-        if r.command == "OPTIONS" or r.authorized or (method, r.route) in kobold.OPEN_ROUTES:
+        if r.command == "OPTIONS" or r.authorized or (method, r.route) in OPEN_ROUTES:
             return
         r.close_connection = True
-        raise kobold.unauthorized()
+        raise unauthorized()
 
     def error_body(self, r: Request, err: HTTPError) -> Any:
         """OpenAI's shape under /v1, KoboldAI's elsewhere."""
