@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from ..errors import ConfigError, SoftPromptError
+from ..formats import listed
 from ..http import HTTPError
 from ..soft_prompt import SoftPrompt
 
@@ -20,12 +21,6 @@ SOFT_PROMPT_NAME_ERROR = "Must be a valid soft prompt name."
 
 class UnknownSoftPrompt(ConfigError):
     """A soft prompt name that is not a file in the soft prompt folder."""
-
-
-def soft_prompt_suffixes() -> tuple[str, ...]:
-    from ..formats import FORMATS
-
-    return tuple(sorted({e for m in FORMATS.values() for e in m.EXTENSIONS}))
 
 
 def valid_name(name: str) -> bool:
@@ -82,19 +77,11 @@ class SoftPromptLibrary:
         """File names of the soft prompts in the folder (and PEFT adapter folders), sorted."""
         if self.folder is None:
             return []
-        suffixes = soft_prompt_suffixes()
-        names = []
         try:
             entries = list(self.folder.iterdir())
         except OSError:
             return []
-        for p in entries:
-            if not valid_name(p.name):
-                continue
-            if p.is_file() and p.suffix.lower() in suffixes:
-                names.append(p.name)
-            elif p.is_dir() and (p / "adapter_config.json").is_file():
-                names.append(p.name)
+        names = [p.name for p in entries if valid_name(p.name) and listed(p)]
         return sorted(names, key=lambda n: (n.lower(), n))
 
     def load(self, name: str) -> SoftPrompt | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import FIELDS, TrainConfig, _coerce, flag
+from ..config import field_kind as config_field_kind
 from ..errors import ConfigError
 
 # TrainConfig fields the page does not offer: the page picks the output folder, shows
@@ -18,15 +19,8 @@ GROUPS = ("data", "model", "soft prompt", "training", "run")
 
 
 def field_kind(name: str) -> str:
-    if name == "batch_size":
-        return "int or auto"  # a number, or auto (the page shows a text box)
-    kind = str(FIELDS[name].type)
-    if "bool" in kind and FIELDS[name].default is None:
-        return "bool or auto"  # unset: the run decides (the page shows auto / on / off)
-    for k in ("bool", "int", "float"):
-        if k in kind:
-            return k
-    return "str"
+    """What the page's field for option ``name`` holds (config.field_kind's kinds)."""
+    return config_field_kind(FIELDS[name])
 
 
 def option_list() -> list[dict[str, Any]]:
