@@ -285,14 +285,7 @@ def setup(
     copy_to = copy_target(cfg) if ranks.main else None
     texts = read_dataset(cfg.dataset, cfg.recursive, cfg.skip_bad_files)  # fails in a second
     lm = _load_model(cfg, model, ranks, device)
-    check_resumable(
-        checkpoint,
-        cfg,
-        out,
-        dataset_hash=texts.content_hash,
-        model_source=lm.source,
-        bos_ids=lm.bos_ids,
-    )
+    check_resumable(checkpoint, cfg, out, texts.content_hash, lm)  # same data, model, layout
     init_sp = load_init_from(cfg.init_from, lm) if checkpoint is None and cfg.init_from else None
     n_tokens = resolve_tokens(cfg, lm.tokenizer, checkpoint, init_sp)
     # every sequence is [soft prompt][BOS, when the tokenizer puts one first][block], as
