@@ -856,6 +856,12 @@ def test_the_dataset_is_checked_with_trains_own_reading(server, no_launch, tmp_p
     docs.mkdir()
     (docs / "a.pdf").write_bytes(b"%PDF")
     assert "1 .pdf" in check(docs)["message"]  # what is there, and what to do
+    mixed = texts(tmp_path, "mixed")
+    (mixed / "b.docx").write_bytes(b"PK")
+    answer = check(mixed)  # what train skips is said, at any logging level
+    assert answer["ok"] and "skipped 1 file" in answer["message"] and "1 .docx" in answer["message"]
+    for odd in ("a\x00b", "x" * 300, "~nosuchuser/texts"):
+        assert not check(odd)["ok"], odd
     binary = texts(tmp_path, "binary")
     (binary / "z.txt").write_bytes(b"\x00\x01")
     answer = check(binary)

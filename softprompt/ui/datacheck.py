@@ -22,31 +22,34 @@ READ_LIMIT = 64 << 20  # bytes of text read through by a check; more is only lis
 
 class _Notes(logging.Filter):
     """Takes softprompt.data's log records from the threads running a check (kept as notes
-    for the answer) and lets every other record through."""
+    for the answer, whatever the logging level), and lets every other record through as
+    the level set before would have."""
 
     def __init__(self) -> None:
         super().__init__()
         self.taken: dict[int, list[str]] = {}
+        self.floor = logging.NOTSET
 
     def filter(self, record: logging.LogRecord) -> bool:
         notes = self.taken.get(threading.get_ident())
         if notes is None:
-            return True
+            return record.levelno >= self.floor
         notes.append(record.getMessage().removeprefix("note: ").removeprefix("warning: "))
         return False
 
 
 _NOTES = _Notes()
-_installed = False
+_lock = threading.Lock()
 
 
-def _data_logger() -> logging.Logger:
-    global _installed
+def _take_notes() -> None:
+    """Install the filter on softprompt.data's logger, once; its notes are INFO records."""
     logger = logging.getLogger("softprompt.data")
-    if not _installed:
-        logger.addFilter(_NOTES)
-        _installed = True
-    return logger
+    with _lock:
+        if _NOTES not in logger.filters:
+            _NOTES.floor = logger.getEffectiveLevel()
+            logger.setLevel(min(_NOTES.floor, logging.INFO))
+            logger.addFilter(_NOTES)
 
 
 def check_dataset(path: str, recursive: bool = False, skip_bad_files: bool = False) -> dict:
@@ -55,7 +58,7 @@ def check_dataset(path: str, recursive: bool = False, skip_bad_files: bool = Fal
     when train would stop on it."""
     from ..data import find_text_files, read_dataset
 
-    _data_logger()
+    _take_notes()
     notes: list[str] = []
     _NOTES.taken[threading.get_ident()] = notes
     try:
@@ -67,8 +70,8 @@ def check_dataset(path: str, recursive: bool = False, skip_bad_files: bool = Fal
             size = sum(_size(f) for f in files)
         else:
             notes.append(f"over {format_bytes(READ_LIMIT)}: listed, not read through")
-    except (SoftPromptError, OSError) as e:
-        message = str(e) if isinstance(e, SoftPromptError) else f"dataset {path}: {e}"
+    except (SoftPromptError, OSError, ValueError, RuntimeError) as e:  # RuntimeError: ~nouser
+        message = str(e) if isinstance(e, SoftPromptError) else f"dataset path {path!r}: {e}"
         return _answer(False, message, 0, 0, notes)
     finally:
         _NOTES.taken.pop(threading.get_ident(), None)

@@ -512,8 +512,9 @@ class Workspace:
 
     def check_dataset(self, path: str, recursive: bool, skip_bad_files: bool) -> dict:
         """What train would make of the dataset path (``datacheck.check_dataset``)."""
-        if not path.strip():
-            return {"ok": False, "message": "give a dataset", "files": 0, "bytes": 0}
+        if not path.strip() or "\0" in path:
+            message = "give a dataset" if not path.strip() else "a path holds no NUL character"
+            return {"ok": False, "message": message, "files": 0, "bytes": 0}
         return check_dataset(_absolute(path.strip()), recursive, skip_bad_files)
 
     def delete_dataset(self, name: str) -> dict[str, Any]:
