@@ -120,7 +120,10 @@ class TrainState:
         self.elapsed_before = float(checkpoint.get("elapsed_s", 0.0))
         self.saved_step = self.step
         if "best_val" in checkpoint:
-            self.best_val, self.best_step = float(checkpoint["best_val"]), int(checkpoint["best_step"])
+            self.best_val, self.best_step = (
+                float(checkpoint["best_val"]),
+                int(checkpoint["best_step"]),
+            )
             self.best_soft = checkpoint["best_soft"].to(self.soft.device, torch.float32)
             self.bad_validations = int(checkpoint["bad_validations"])
 
@@ -152,7 +155,6 @@ class TrainState:
                 **identity,
             },
         )
-
 
     def _patience(self) -> dict[str, Any]:
         if self.best_val is None or self.best_soft is None:
