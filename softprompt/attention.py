@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .types import Model
+from .hf_types import Model
 
 NAME = "softprompt_sdpa"
 

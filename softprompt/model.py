@@ -19,8 +19,8 @@ import torch
 
 from .errors import ModelError
 from .fileio import file_lock
+from .hf_types import Model, Tokenizer
 from .speed import contiguous_head_input
-from .types import Model, Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, ModelError
-from .types import Model
+from .hf_types import Model
 
 
 @dataclass

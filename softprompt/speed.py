@@ -15,8 +15,8 @@ import torch
 from . import distributed
 from .config import CPU_AUTO_BATCH
 from .errors import RunError
+from .hf_types import Model
 from .loss import block_loss
-from .types import Model
 
 log = logging.getLogger(__name__)
 
