@@ -112,6 +112,32 @@ def check_blocks(cfg: TrainConfig, n_stream: int, block_size: int, n_blocks: int
     )
 
 
+def check_rows(
+    cfg: TrainConfig,
+    block_size: int,
+    *,
+    n_stream: int,
+    n_blocks: int,
+    n_examples: int,
+    too_long: int,
+    n_train: int,
+    n_val: int,
+) -> None:
+    """``check_blocks``, for a dataset with examples too: DataError unless a row (block or
+    example) is left to train on and, unless --val-fraction is 0, one held out."""
+    if not n_examples:
+        return check_blocks(cfg, n_stream, block_size, n_blocks)
+    if n_train and (n_val or cfg.val_fraction == 0):
+        return None
+    longer = f" ({too_long} longer, left out)" if too_long else ""
+    fix = "add examples" + (f" or raise --block-size (now {block_size})" if too_long else "")
+    raise DataError(
+        f"dataset {cfg.dataset}: {n_examples - too_long} of its {n_examples} examples fit in "
+        f"--block-size {block_size}{longer}, which leaves {n_train} to train on and {n_val} "
+        f"held out; a run needs one of each (--val-fraction 0: none held out): {fix}"
+    )
+
+
 def small_dataset_note(n_tokens: int) -> str | None:
     """A warning when the text is too little to learn a style from, else None."""
     if n_tokens >= SMALL_DATASET_TOKENS:
