@@ -367,7 +367,7 @@ def tokenize_examples(
     for f in files:
         if f.shape == CHAT and not getattr(tokenizer, "chat_template", None):
             raise DataError(
-                f"dataset file {f.name} holds chats ({{\"messages\"}}) but the model's "
+                f'dataset file {f.name} holds chats ({{"messages"}}) but the model\'s '
                 f"tokenizer ({getattr(tokenizer, 'name_or_path', '') or 'this model'}) has no "
                 "chat template to render them: give prompt/completion pairs, or use a chat model"
             )
@@ -619,9 +619,7 @@ class BatchSampler:
     row ``perm_e[s % N]`` of epoch ``e = s // N``, each epoch's permutation seeded. So a
     resumed run sees exactly the batches an uninterrupted one would."""
 
-    def __init__(
-        self, rows: np.ndarray | Rows, batch_size: int, seed: int, device: torch.device
-    ):
+    def __init__(self, rows: np.ndarray | Rows, batch_size: int, seed: int, device: torch.device):
         self.rows = rows if isinstance(rows, Rows) else Rows(np.ascontiguousarray(rows))
         self.batch_size, self.seed, self.device = batch_size, seed, device
         self._perms: dict[int, torch.Tensor] = {}

@@ -99,7 +99,7 @@ def parse_examples(text: str, name: str) -> ExampleFile:
         keys = ", ".join(sorted(first)) or "none"
         raise DataError(
             f"dataset file {name} {unit} {first_line}: not an example (its keys: {keys}): "
-            f"give one of {SHAPES_HELP}"
+            f"give one of {SHAPES_HELP}, or pass --skip-bad-files to leave the file out"
         )
     out = ExampleFile(name, shape, unit=unit)
     for number, record in records:
@@ -143,8 +143,7 @@ def _json_array(text: str, name: str) -> list[tuple[int, dict]]:
         ) from None
     if not isinstance(value, list):
         raise DataError(
-            f"dataset file {name} holds {_a(value)}, not an array of examples: "
-            f"{SKIP_HINT}"
+            f"dataset file {name} holds {_a(value)}, not an array of examples: {SKIP_HINT}"
         )
     return [(i, _object(v, f"dataset file {name} item {i}")) for i, v in enumerate(value, 1)]
 
