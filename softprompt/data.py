@@ -520,6 +520,14 @@ class Rows:
         return min(self.blocks.shape[1], -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
 
     @property
+    def mean_tokens(self) -> float:
+        """Tokens in a row on average, padding not counted (T for text blocks)."""
+        if not len(self):
+            return 0.0
+        total = self.blocks.size + sum(len(a) for a in self.ids)
+        return total / len(self)
+
+    @property
     def label_count(self) -> int:
         return self.blocks.size + sum(int(m.sum()) for m in self.labels)
 

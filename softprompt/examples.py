@@ -29,7 +29,10 @@ TEXT, PAIR, INPUT_OUTPUT, ALPACA, CHAT = (
     "messages",
 )
 PAIR_SHAPES = (PAIR, INPUT_OUTPUT, ALPACA)
-NOUNS = {TEXT: "texts", PAIR: "pairs", INPUT_OUTPUT: "pairs", ALPACA: "pairs", CHAT: "chats"}
+# what a file of each shape holds, as the summary and the errors say it
+KINDS = {TEXT: '{"text"} texts', CHAT: '{"messages"} chats'} | {
+    s: f"{s} pairs" for s in (PAIR, INPUT_OUTPUT, ALPACA)
+}
 SHAPES_HELP = (
     '{"text"}, {"prompt", "completion"}, {"input", "output"}, {"instruction", "input", '
     '"output"} or {"messages"}'
@@ -69,7 +72,7 @@ class ExampleFile:
 
     def describe(self, loss_on: str = "completion") -> str:
         """e.g. ``train.jsonl: 1,200 prompt/completion pairs, loss on the completions``."""
-        what = f"{self.name}: {len(self.items):,} {self.shape} {NOUNS[self.shape]}"
+        what = f"{self.name}: {len(self.items):,} {KINDS[self.shape]}"
         if self.shape == TEXT:
             return f"{what}, trained on as text"
         if self.shape == CHAT:
@@ -108,8 +111,8 @@ def parse_examples(text: str, name: str) -> ExampleFile:
         if found != shape:
             what = f"a {found} example" if found else "not an example"
             raise DataError(
-                f"{where} is {what}, but {unit} {first_line} made the file {shape} "
-                f"{NOUNS[shape]}: one shape per file ({SKIP_HINT})"
+                f"{where} is {what}, but {unit} {first_line} made it a file of "
+                f"{KINDS[shape]}: one shape per file ({SKIP_HINT})"
             )
         out.items.append(_checked(record, shape, where))
         out.lines.append(number)

@@ -42,6 +42,8 @@ class Plan:
     total_steps: int
     start_step: int  # 0; a checkpoint's step; an mtj-softtuner run's step
     eval_every: int = 0  # steps between validations (0: only at the start and the end)
+    row_tokens: float = 0.0  # tokens in a training row on average (0: block_size, text blocks)
+    row_width: int = 0  # tokens in the widest batch's rows (0: block_size)
 
     @property
     def samples_per_step(self) -> int:
@@ -53,12 +55,17 @@ class Plan:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.samples_per_step * self.block_size
+        """Tokens trained on in a step: examples count their own length, not the block's."""
+        return self.tokens_after(self.samples_per_step)
+
+    def tokens_after(self, samples: int) -> int:
+        """Tokens trained on in ``samples`` rows (blocks or examples)."""
+        return round(samples * (self.row_tokens or self.block_size))
 
     @property
     def positions(self) -> int:
         """Sequence positions in one micro-batch: what the activations scale with."""
-        return self.batch_size * (self.n_tokens + self.n_bos + self.block_size)
+        return self.batch_size * (self.n_tokens + self.n_bos + (self.row_width or self.block_size))
 
 
 def default_block_size(context: int, n_prefix: int, device_type: str) -> int:
@@ -161,6 +168,8 @@ def make_plan(
     world: int = 1,
     checkpoint: dict | None = None,
     mtj_step: int = 0,
+    row_tokens: float = 0.0,
+    row_width: int = 0,
 ) -> Plan:
     """The run's shape from the options and the counts; ``batch_size`` is the wanted per-rank
     batch (--batch-size, or what ``auto`` found). Resuming keeps the checkpoint's global
@@ -203,6 +212,8 @@ def make_plan(
         total,
         start,
         eval_every,
+        row_tokens,
+        row_width,
     )
 
 

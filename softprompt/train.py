@@ -307,6 +307,8 @@ def setup(
         world=ranks.world,
         checkpoint=checkpoint,
         mtj_step=mtj_step,
+        row_tokens=split.train.mean_tokens,
+        row_width=split.train.width,
     )
     _log_setup(corpus, split, plan, lm, int(wanted), checkpoint, cfg.loss_on)
     state = _initial_state(cfg, lm, plan, ranks, checkpoint, init_sp)
@@ -700,7 +702,7 @@ def _record_step(
             "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens": state.samples * run.plan.block_size,
+            "tokens": run.plan.tokens_after(state.samples),
             "tokens_per_s": tokens / max(elapsed, 1e-9),
             "elapsed_s": state.elapsed_before + elapsed,  # over every segment of the run
         }
@@ -774,7 +776,7 @@ def finish(
         steps=state.step,
         val_loss_before=val_before,
         val_loss_after=val_after,
-        tokens_seen=state.step * run.plan.tokens_per_step,
+        tokens_seen=run.plan.tokens_after(state.samples),
         seconds=state.elapsed_before + seconds,  # over every segment of a resumed run
         config=resolved,
         metrics=run.metrics.records,

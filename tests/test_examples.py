@@ -153,8 +153,8 @@ def test_each_shape_is_read_and_named(tmp_path):
         (ALPACA_PROMPT_NO_INPUT.format(instruction="Greet."), "Hello."),
     ]
     assert by_name["e_chat.jsonl"].describe() == (
-        "e_chat.jsonl: 1 messages chats rendered with the model's chat template, loss on the "
-        "assistant turns"
+        'e_chat.jsonl: 1 {"messages"} chats rendered with the model\'s chat template, loss on '
+        "the assistant turns"
     )
     assert by_name["b_pairs.jsonl"].describe("all").endswith("loss on every token (--loss-on all)")
 
@@ -423,6 +423,8 @@ def test_trains_on_chats_and_resumes_bit_exact(chat_folders, tmp_path, monkeypat
         max_steps=7,
         block_size=64,
     )
+    corpus = load_corpus(str(tmp_path), lm.tokenizer, eos_id=lm.eos_token_id, bos_ids=lm.bos_ids)
+    rows = split_rows(corpus, lm.eos_token_id, 64, 1729, 0.05, 64).train
     full = train(output=str(tmp_path / "full"), **common)
     with monkeypatch.context() as m:
         stop_after(m.setattr, 3)
@@ -433,6 +435,10 @@ def test_trains_on_chats_and_resumes_bit_exact(chat_folders, tmp_path, monkeypat
     assert full.val_loss_after < full.val_loss_before
     report = (tmp_path / "full" / "report.md").read_text()
     assert "The example's completion:" in report
+    # tokens seen are the examples' own (42 of them), not 42 blocks of 64
+    mean = np.mean([len(a) for a in rows.ids])
+    assert full.tokens_seen == round(7 * 6 * mean) < 7 * 6 * 64
+    assert [m["tokens"] for m in full.metrics if "tokens" in m][-1] == full.tokens_seen
 
 
 def test_validation_is_the_completion_loss(chat_lm, tmp_path):
@@ -552,8 +558,8 @@ def test_summary_states_each_file(chat_lm, tmp_path, caplog):
     assert "3 files" in text and "60 examples" in text and "text blocks" in text
     assert "a.jsonl: 30 prompt/completion pairs, loss on the completions" in text
     assert (
-        "b.jsonl: 30 messages chats rendered with the model's chat template, loss on the assistant turns"
-        in text
+        'b.jsonl: 30 {"messages"} chats rendered with the model\'s chat template, loss on the '
+        "assistant turns" in text
     )
     assert "held out by example" in text
 
