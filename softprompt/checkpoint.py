@@ -15,11 +15,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from .model import LoadedModel
 from .errors import RunError
 from .fileio import atomic_write, format_bytes
 from .formats import mtjsp
@@ -202,18 +205,13 @@ def check_output(out: Path, cfg: TrainConfig) -> dict | None:
 
 
 def check_resumable(
-    checkpoint: dict | None,
-    cfg: TrainConfig,
-    out: Path,
-    *,
-    dataset_hash: str,
-    model_source: str,
-    bos_ids: list[int],
+    checkpoint: dict | None, cfg: TrainConfig, out: Path, dataset_hash: str, lm: LoadedModel
 ) -> None:
     """Refuse to resume a checkpoint made on other data, another model, or another layout
     (``--force`` resumes anyway)."""
     if checkpoint is None or cfg.force:
         return
+    model_source, bos_ids = lm.source, lm.bos_ids
     if checkpoint["dataset_hash"] != dataset_hash:
         raise RunError(
             f"--resume: the dataset {cfg.dataset} changed since the checkpoint in {out} was written; "
