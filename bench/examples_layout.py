@@ -91,17 +91,17 @@ def main() -> None:
         "padded": (split.train, args.batch),
         "packed": (rows_packed, max(1, round(args.batch / per_row))),
     }
+
+    def held_out(soft: torch.Tensor) -> float:
+        total, count = loss_sums(lm.model, soft, split.val, args.batch, lm.device, lead=lead)
+        return total / count
+
+    before = held_out(init)  # the same start and held-out chats for both layouts
     for name, (rows, batch) in layouts.items():
         soft = torch.nn.Parameter(init.clone())
         opt = torch.optim.AdamW([soft], lr=args.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(args.steps, 0.1))
         order = np.random.default_rng(args.seed).permutation(len(rows))
-
-        def held_out(soft: torch.Tensor) -> float:
-            total, count = loss_sums(lm.model, soft, split.val, args.batch, lm.device, lead=lead)
-            return total / count
-
-        before = held_out(soft.detach())
         positions = real = 0
         t0 = time.perf_counter()
         for step in range(args.steps):
