@@ -228,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 def add_train(sub: Any) -> None:
     p = sub.add_parser(
         "train",
-        help="train a soft prompt on a folder of .txt files",
-        description="Train a soft prompt on a .txt file or a folder of them.",
+        help="train a soft prompt on a folder of .txt files or .jsonl examples",
+        description="Train a soft prompt on a .txt file or a folder of them, or on examples: "
+        ".jsonl files of prompt/completion pairs or chats.",
     )
     p.add_argument(
         "--config", metavar="FILE", help="read options from a TOML file (flags override it)"

@@ -26,6 +26,7 @@ INITS = ("text", "vocab", "random")
 OPTIMIZERS = ("adamw", "adafactor")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAPS = ("auto", "balanced", "sequential")
+LOSS_ON = ("completion", "all")
 DEFAULT_TOKENS = 20
 CPU_AUTO_BATCH = 4  # --batch-size auto on CPUs: see bench/batch_size.py
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes no more; numpy's generator no negative seed
@@ -50,16 +51,30 @@ class TrainConfig:
 
     # what to train on and where to put it
     dataset: str | None = _opt(
-        None, "a .txt file or a folder of .txt files", group="data", metavar="PATH"
+        None,
+        "a .txt or .jsonl file, or a folder of them (.jsonl: one example a line, "
+        '{"text"}, {"prompt", "completion"}, {"instruction", "input", "output"} or '
+        '{"messages"})',
+        group="data",
+        metavar="PATH",
     )
     output: str | None = _opt(
         None, "folder for the soft prompt, checkpoints and logs", group="data", metavar="DIR"
     )
-    recursive: bool = _opt(False, "also read .txt files in sub-folders", group="data")
+    recursive: bool = _opt(False, "also read .txt and .jsonl files in sub-folders", group="data")
     skip_bad_files: bool = _opt(
         False,
-        "skip files that are not UTF-8 text (with a warning) instead of stopping",
+        "skip files that are not UTF-8 text, or hold a bad example (with a warning) instead "
+        "of stopping",
         group="data",
+    )
+    loss_on: str = _opt(
+        "completion",
+        "the tokens of pairs and chats that carry the loss: completion (a pair's completion, "
+        "a chat's assistant turns) or all (the prompt too); plain text is all completion, and "
+        "validation always scores the completions",
+        LOSS_ON,
+        "data",
     )
     block_size: int | None = _opt(
         None,
@@ -68,8 +83,12 @@ class TrainConfig:
         group="data",
         metavar="N",
     )
-    val_fraction: float = _opt(0.05, "fraction of blocks held out for validation", group="data")
-    val_max_blocks: int = _opt(64, "at most this many validation blocks", group="data", metavar="N")
+    val_fraction: float = _opt(
+        0.05, "fraction of blocks (and of examples) held out for validation", group="data"
+    )
+    val_max_blocks: int = _opt(
+        64, "at most this many validation blocks (and examples)", group="data", metavar="N"
+    )
     # the model
     model: str | None = _opt(
         None,
@@ -215,7 +234,8 @@ class TrainConfig:
         if self.init is None:
             self.init = "text" if self.init_text else "vocab"
         need(
-            self.dataset is not None, "--dataset is required: give a .txt file or a folder of them"
+            self.dataset is not None,
+            "--dataset is required: give a .txt or .jsonl file or a folder of them",
         )
         need(
             self.output is not None,

@@ -1,8 +1,13 @@
-"""From a folder of .txt files to blocks of token ids.
+"""From a folder of .txt files (and .jsonl examples) to rows of token ids.
 
 files -> normalised text -> token ids (cached on disk) -> one stream in seeded file order,
 each file followed by EOS -> blocks of ``block_size`` tokens (tail dropped) -> train / val
 -> batches, as a pure function of the data position (``BatchSampler``).
+
+Example files (``softprompt.examples``: prompt/completion pairs, chats) take another road:
+each example is tokenized with a label mask (its completion, its assistant turns) and is a
+row of its own, ``[soft prompt][BOS][example]``, padded per batch (``Rows``); validation
+holds out whole examples. ``{"text"}`` examples join the text stream.
 """
 
 from __future__ import annotations
@@ -10,13 +15,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import DataError
+from .examples import (
+    CHAT,
+    PAIR_SHAPES,
+    TEXT,
+    ChatTemplateError,
+    ExampleFile,
+    is_example_file,
+    parse_examples,
+    segments,
+)
 from .fileio import atomic_write, cache_root
 
 log = logging.getLogger(__name__)
@@ -27,27 +43,40 @@ TOKENIZE_BATCH_CHARS = 4_000_000  # texts per tokenizer call, by size
 
 @dataclass
 class Corpus:
-    """The tokenized text files of a dataset, in sorted path order."""
+    """The tokenized text files of a dataset, in sorted path order, and its examples."""
 
     root: Path
     files: list[str]  # paths relative to root (or the file name for a single file)
     chars: int
-    ids: list[np.ndarray]  # one uint32 array per file, without EOS
+    ids: list[np.ndarray]  # one uint32 array per text (file or {"text"} example), without EOS
     content_hash: str  # of the files' bytes and names: identifies the dataset
     skipped: list[str]
     cached: bool = False
+    examples: list[ExampleFile] = field(default_factory=list)  # the example files
+    example_ids: list[np.ndarray] = field(default_factory=list)  # pairs and chats, uint32
+    example_labels: list[np.ndarray] = field(default_factory=list)  # bool: which are labels
 
     @property
     def n_tokens(self) -> int:
-        return sum(len(a) for a in self.ids) + len(self.ids)  # + one EOS per file
+        text = sum(len(a) for a in self.ids) + len(self.ids)  # + one EOS per text
+        return text + sum(len(a) for a in self.example_ids)
 
 
 def find_text_files(path: str | os.PathLike, recursive: bool = False) -> tuple[Path, list[Path]]:
-    """The .txt files named by ``path`` (a file or a folder), sorted; raise DataError if none."""
+    """The .txt and example (.jsonl, .json) files named by ``path`` (a file or a folder),
+    sorted; raise DataError if none."""
     root = Path(path).expanduser()
     if not root.exists():
-        raise DataError(f"dataset path {root} does not exist: give a .txt file or a folder of them")
+        raise DataError(
+            f"dataset path {root} does not exist: give a .txt or .jsonl file or a folder of them"
+        )
     if root.is_file():
+        if root.suffix.lower() in TABLES:
+            raise DataError(
+                f"dataset file {root} is a {root.suffix} table, which softprompt does not read: "
+                "save its examples as .jsonl, one JSON object a line (e.g. with the datasets "
+                "library's to_json)"
+            )
         return root.parent, [root]
     if not root.is_dir():
         raise DataError(f"dataset path {root} is neither a file nor a folder")
@@ -71,11 +100,13 @@ def find_text_files(path: str | os.PathLike, recursive: bool = False) -> tuple[P
     others = _by_extension(p for p in files if not _is_txt(p.name))
     if not found:
         raise DataError(
-            f"dataset folder {root} has no .txt files{_no_text_hint(root, others, recursive)}"
+            f"dataset folder {root} has no .txt files or .jsonl examples"
+            f"{_no_text_hint(root, others, recursive)}"
         )
     if others:
         log.info(
-            "note: skipped %s in %s that %s not .txt (%s): softprompt reads UTF-8 .txt files",
+            "note: skipped %s in %s that %s not .txt or .jsonl (%s): softprompt reads UTF-8 "
+            ".txt files and .jsonl examples",
             _count(sum(others.values()), "file"),
             root,
             "is" if sum(others.values()) == 1 else "are",
@@ -98,6 +129,11 @@ def _no_text_hint(root: Path, others: dict[str, int], recursive: bool) -> str:
     its sub-folders when they hold some."""
     if others:
         kinds = ", ".join(f"{n} {ext}" for ext, n in others.items())
+        if any(ext in TABLES for ext in others):
+            return (
+                f" (it has {kinds}): save examples as .jsonl, one JSON object a line (e.g. "
+                "with the datasets library's to_json), and texts as UTF-8 .txt files"
+            )
         return f" (it has {kinds}): save them as UTF-8 .txt files"
     if not recursive and any(_has_txt(d) for d in root.iterdir() if d.is_dir()):
         return " (its sub-folders have some: add --recursive)"
@@ -116,7 +152,10 @@ def _count(n: int, noun: str) -> str:
 
 
 def _is_txt(name: str) -> bool:
-    return name.lower().endswith(".txt") and not name.startswith(".")
+    return (name.lower().endswith(".txt") or is_example_file(name)) and not name.startswith(".")
+
+
+TABLES = (".csv", ".tsv", ".parquet", ".arrow")  # example tables softprompt does not read
 
 
 def _walk_error(err: OSError) -> None:
@@ -202,65 +241,103 @@ def tokenize(tokenizer, texts: list[str]) -> list[np.ndarray]:
 
 @dataclass
 class TextDataset:
-    """The readable, non-empty text files of a dataset, before tokenizing."""
+    """The readable, non-empty files of a dataset, before tokenizing."""
 
     root: Path
-    files: list[str]
-    texts: list[str]
+    files: list[str]  # every file read: .txt files and example files
+    texts: list[str]  # the plain texts: one per .txt file, one per {"text"} example
     content_hash: str  # of the files' names and text: identifies the dataset
     skipped: list[str]
+    examples: list[ExampleFile] = field(default_factory=list)  # the example files, checked
 
     @property
     def chars(self) -> int:
-        return sum(len(t) for t in self.texts)
+        pairs = sum(f.chars for f in self.examples if f.shape != TEXT)
+        return sum(len(t) for t in self.texts) + pairs
+
+    @property
+    def has_examples(self) -> bool:
+        """Whether any file holds pairs or chats (not only texts)."""
+        return any(f.shape != TEXT for f in self.examples)
 
 
 def read_dataset(
     path: str | os.PathLike, recursive: bool = False, skip_bad_files: bool = False
 ) -> TextDataset:
-    """Find and read the dataset's text files; DataError if nothing usable is there."""
+    """Find and read the dataset's text and example files (every example checked); DataError
+    naming the file (and line) if one is bad, unless ``skip_bad_files`` leaves it out, or if
+    nothing usable is there."""
     root, paths = find_text_files(path, recursive)
-    names, texts, skipped = [], [], []
+    dataset = TextDataset(root, [], [], "", [])
     h = hashlib.sha256()
     for p in paths:
         rel = p.relative_to(root).as_posix()
         try:
             text = read_text(p)
+            empty = not text.strip()
+            examples = None
+            if is_example_file(p.name) and not empty:
+                examples = parse_examples(text, str(p))
+                examples.name = rel  # errors name the path, the summary the file
         except DataError as e:
             if not skip_bad_files:
                 raise
             log.warning("warning: skipping %s", str(e).removeprefix("dataset file "))
-            skipped.append(rel)
+            dataset.skipped.append(rel)
             continue
-        if not text.strip():
+        if empty:
             log.info("note: skipping empty file %s", rel)
-            skipped.append(rel)
+            dataset.skipped.append(rel)
             continue
-        names.append(rel)
-        texts.append(text)
+        dataset.files.append(rel)
+        if examples is None:
+            dataset.texts.append(text)
+        else:
+            dataset.examples.append(examples)
+            if examples.shape == TEXT:
+                dataset.texts.extend(examples.items)
         data = text.encode("utf-8")
         h.update(f"{rel}\0{len(data)}\0".encode())
         h.update(data)
-    if not texts:
+    if not dataset.files:
         raise DataError(
-            f"dataset {Path(path)} has no usable text: every .txt file is empty or unreadable"
+            f"dataset {Path(path)} has no usable text: every file is empty or unreadable"
         )
-    return TextDataset(root, names, texts, h.hexdigest(), skipped)
+    dataset.content_hash = h.hexdigest()
+    return dataset
 
 
 def tokenize_dataset(
-    dataset: TextDataset, tokenizer, cache_dir: str | os.PathLike | None = None
+    dataset: TextDataset,
+    tokenizer,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    eos_id: int | None = None,
+    bos_ids: Sequence[int] = (),
 ) -> Corpus:
-    """Token ids of every file, from the on-disk cache when it holds this exact content and
-    tokenizer, else tokenized now and cached."""
+    """Token ids of every text and example, from the on-disk cache when it holds this exact
+    content and tokenizer, else tokenized now and cached. ``eos_id`` (default: the
+    tokenizer's) ends each pair's completion; ``bos_ids`` (``LoadedModel.bos_ids``) are taken
+    off the front of an example that starts with them (a chat template that writes the BOS
+    token): the layout puts them there already."""
     key = f"{CACHE_VERSION}\0{dataset.content_hash}\0{tokenizer_fingerprint(tokenizer)}"
+    if eos_id is None:
+        eos_id = tokenizer.eos_token_id
+    if dataset.has_examples:  # what shapes the examples' tokens besides the vocabulary
+        template = getattr(tokenizer, "chat_template", None)
+        key += f"\0examples\0{template!r}\0{eos_id}\0{list(bos_ids)}"
     folder = Path(cache_dir).expanduser() if cache_dir else cache_root()
     cache_file = folder / "tokens" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
-    ids = _read_cache(cache_file, len(dataset.texts))
-    cached = ids is not None
-    if ids is None:
+    files = [f for f in dataset.examples if f.shape != TEXT]
+    n_examples = sum(len(f.items) for f in files)
+    found = _read_cache(cache_file, len(dataset.texts), n_examples)
+    cached = found is not None
+    if found is None:
         ids = tokenize(tokenizer, dataset.texts)
-        _write_cache(cache_file, ids)
+        ex_ids, ex_labels = tokenize_examples(files, tokenizer, int(eos_id), bos_ids)
+        _write_cache(cache_file, ids, ex_ids, ex_labels)
+    else:
+        ids, ex_ids, ex_labels = found
     return Corpus(
         dataset.root,
         dataset.files,
@@ -269,7 +346,54 @@ def tokenize_dataset(
         dataset.content_hash,
         dataset.skipped,
         cached,
+        dataset.examples,
+        ex_ids,
+        ex_labels,
     )
+
+
+def tokenize_examples(
+    files: list[ExampleFile], tokenizer, eos_id: int, bos_ids: Sequence[int] = ()
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Token ids (uint32) and label masks (bool) of the pairs and chats of ``files``. Each
+    piece of an example (``examples.segments``) is tokenized on its own, as a prompt is when
+    it is generated from, and all pieces in one batch; a pair's completion is followed by
+    EOS, a label too (so the model learns to stop). DataError naming the file for chats and
+    a model without a chat template."""
+    texts: list[str] = []
+    marks: list[bool] = []
+    bounds = [0]  # example k is pieces bounds[k]:bounds[k + 1]
+    ends: list[bool] = []  # whether EOS follows the example
+    for f in files:
+        if f.shape == CHAT and not getattr(tokenizer, "chat_template", None):
+            raise DataError(
+                f'dataset file {f.name} holds chats ({{"messages"}}) but the model\'s '
+                f"tokenizer ({getattr(tokenizer, 'name_or_path', '') or 'this model'}) has no "
+                "chat template to render them: give prompt/completion pairs, or use a chat model"
+            )
+        for item, line in zip(f.items, f.lines, strict=True):
+            try:
+                pieces = segments(item, f.shape, tokenizer)
+            except ChatTemplateError as e:
+                raise DataError(f"dataset file {f.name} {f.unit} {line}: {e}") from None
+            texts += [t for t, _ in pieces]
+            marks += [m for _, m in pieces]
+            bounds.append(len(texts))
+            ends.append(f.shape in PAIR_SHAPES)
+    pieces_ids = tokenize(tokenizer, texts)
+    out_ids, out_labels = [], []
+    eos, lead = np.array([eos_id], np.uint32), np.asarray(bos_ids, np.uint32)
+    for k, end in enumerate(ends):
+        parts, flags = pieces_ids[bounds[k] : bounds[k + 1]], marks[bounds[k] : bounds[k + 1]]
+        if end:
+            parts, flags = [*parts, eos], [*flags, True]
+        ids = np.concatenate(parts)
+        mask = np.repeat(np.array(flags, bool), [len(a) for a in parts])
+        if len(lead) and np.array_equal(ids[: len(lead)], lead):
+            ids, mask = ids[len(lead) :], mask[len(lead) :]
+        out_ids.append(ids)
+        out_labels.append(mask)
+    return out_ids, out_labels
 
 
 def load_corpus(
@@ -278,35 +402,68 @@ def load_corpus(
     recursive: bool = False,
     skip_bad_files: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    **options,
 ) -> Corpus:
-    """read_dataset then tokenize_dataset."""
-    return tokenize_dataset(read_dataset(path, recursive, skip_bad_files), tokenizer, cache_dir)
+    """read_dataset then tokenize_dataset (``options``: its eos_id, bos_ids)."""
+    dataset = read_dataset(path, recursive, skip_bad_files)
+    return tokenize_dataset(dataset, tokenizer, cache_dir, **options)
 
 
-def _read_cache(path: Path, n_files: int) -> list[np.ndarray] | None:
+Cached = tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]
+
+
+def _read_cache(path: Path, n_texts: int, n_examples: int) -> Cached | None:
+    """The texts' ids, the examples' ids and label masks, when the cache file holds them."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            flat, lengths = z["ids"], z["lengths"]
-        if len(lengths) != n_files or int(lengths.sum()) != len(flat):
-            return None
-        return np.split(flat.astype(np.uint32, copy=False), np.cumsum(lengths)[:-1])
+            ids = _split(z["ids"], z["lengths"], n_texts)
+            if not n_examples:
+                return ids, [], []
+            ex_ids = _split(z["ex_ids"], z["ex_lengths"], n_examples)
+            labels = _split(z["ex_labels"].astype(bool), z["ex_lengths"], n_examples)
+        return ids, ex_ids, labels
     except (OSError, ValueError, KeyError, EOFError):
         return None  # missing or damaged: tokenize again
 
 
-def _write_cache(path: Path, ids: list[np.ndarray]) -> None:
-    flat = np.concatenate(ids) if ids else np.zeros(0, np.uint32)
-    lengths = np.array([len(a) for a in ids], dtype=np.int64)
+def _split(flat: np.ndarray, lengths: np.ndarray, n: int) -> list[np.ndarray]:
+    if len(lengths) != n or int(lengths.sum()) != len(flat):
+        raise ValueError("the cache does not match the dataset")
+    if not n:
+        return []
+    if flat.dtype != bool:
+        flat = flat.astype(np.uint32, copy=False)
+    return np.split(flat, np.cumsum(lengths)[:-1])
+
+
+def _write_cache(
+    path: Path,
+    ids: list[np.ndarray],
+    ex_ids: list[np.ndarray] | None = None,
+    ex_labels: list[np.ndarray] | None = None,
+) -> None:
+    arrays = _flat("", ids)
+    if ex_ids:
+        arrays |= _flat("ex_", ex_ids)
+        arrays["ex_labels"] = np.concatenate(ex_labels or [])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as fh:
-            np.savez(fh, ids=flat, lengths=lengths)
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
     except OSError as e:  # a cache that cannot be written only costs time
         log.warning("note: could not write the token cache %s (%s)", path, e.strerror)
 
 
+def _flat(prefix: str, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)
+    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+    return {f"{prefix}ids": flat, f"{prefix}lengths": lengths}
+
+
 def token_stream(corpus: Corpus, eos_id: int, seed: int) -> np.ndarray:
     """All files in a seeded random order, each followed by EOS: one int64 array."""
+    if not corpus.ids:
+        return np.zeros(0, np.int64)
     order = np.random.default_rng(seed).permutation(len(corpus.ids))
     eos = np.array([eos_id], dtype=np.int64)
     parts = []
@@ -334,23 +491,164 @@ def split_blocks(
     return blocks[:-n_val], blocks[-n_val:]
 
 
+PAD_MULTIPLE = 16  # a batch of examples is padded to a multiple of this: fewer shapes
+
+
+@dataclass
+class Rows:
+    """The sequences a run trains or validates on, each laid out as ``[soft][BOS][row]``:
+    text blocks of T tokens (every token a label) and examples (at most T tokens, with a
+    label mask). A batch of examples is padded after its rows' ends to its longest row
+    (rounded up to PAD_MULTIPLE): right padding under causal attention changes nothing before
+    it, and padding carries no label. Row i < len(blocks) is block i, the rest examples."""
+
+    blocks: np.ndarray  # (n_blocks, T) int64
+    ids: list[np.ndarray] = field(default_factory=list)  # each example's token ids
+    labels: list[np.ndarray] = field(default_factory=list)  # bool, as long as its ids
+    pad_id: int = 0
+
+    def __len__(self) -> int:
+        return len(self.blocks) + len(self.ids)
+
+    @property
+    def width(self) -> int:
+        """Tokens in the widest batch: T with text blocks, else the longest example's
+        padded length."""
+        if len(self.blocks) or not self.ids:
+            return self.blocks.shape[1]
+        longest = max(len(a) for a in self.ids)
+        return min(self.blocks.shape[1], -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+
+    @property
+    def mean_tokens(self) -> float:
+        """Tokens in a row on average, padding not counted (T for text blocks)."""
+        if not len(self):
+            return 0.0
+        total = self.blocks.size + sum(len(a) for a in self.ids)
+        return total / len(self)
+
+    @property
+    def label_count(self) -> int:
+        return self.blocks.size + sum(int(m.sum()) for m in self.labels)
+
+    def __getitem__(self, key: slice) -> Rows:
+        if not self.ids:
+            return Rows(self.blocks[key], pad_id=self.pad_id)
+        return self.select(range(len(self))[key])
+
+    def select(self, rows: Sequence[int]) -> Rows:
+        """These rows (blocks first, then examples, each in the order given)."""
+        nb = len(self.blocks)
+        blocks = self.blocks[[i for i in rows if i < nb]]
+        ex = [i - nb for i in rows if i >= nb]
+        return Rows(blocks, [self.ids[i] for i in ex], [self.labels[i] for i in ex], self.pad_id)
+
+    def take(self, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """These rows as a batch: token ids (B, L) int64, and which are labels (B, L) bool,
+        None when every token is one (text blocks only, L = T)."""
+        if not self.ids:
+            return self.blocks[rows], None
+        nb, T = len(self.blocks), self.blocks.shape[1]
+        longest = max(T if i < nb else len(self.ids[i - nb]) for i in rows)
+        width = min(T, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+        ids = np.full((len(rows), width), self.pad_id, np.int64)
+        mask = np.zeros((len(rows), width), bool)
+        for r, i in enumerate(rows):
+            if i < nb:
+                ids[r], mask[r] = self.blocks[i], True
+            else:
+                n = len(self.ids[i - nb])
+                ids[r, :n], mask[r, :n] = self.ids[i - nb], self.labels[i - nb]
+        return ids, mask
+
+    def probe(self) -> np.ndarray:
+        """An (N, width) array as wide as the widest batch, for trying a batch size's
+        memory: the blocks themselves when there are only blocks."""
+        if not self.ids:
+            return self.blocks
+        return np.broadcast_to(np.int64(self.pad_id), (len(self), self.width))
+
+
+@dataclass
+class Split:
+    """A dataset's training and validation rows, and the counts its summary states."""
+
+    train: Rows
+    val: Rows
+    n_stream: int  # text tokens in the stream
+    n_blocks: int  # text blocks
+    n_examples: int  # pairs and chats
+    too_long: int  # of them, longer than a block: left out
+
+
+def split_rows(
+    corpus: Corpus,
+    eos_id: int,
+    block_size: int,
+    seed: int,
+    val_fraction: float,
+    val_max: int,
+    loss_on: str = "completion",
+) -> Split:
+    """Text blocks (``token_stream`` cut by ``make_blocks``, the last held out as by
+    ``split_blocks``) and examples, held out by example: the last of a seeded order, as
+    many as blocks would be (at most ``val_max``), before examples longer than
+    ``block_size`` are left out of either side, so the held-out set does not depend on the
+    block size. ``loss_on="all"`` makes every token of a training example a label;
+    validation always scores the completions."""
+    stream = token_stream(corpus, eos_id, seed)
+    blocks = make_blocks(stream, block_size)
+    train_blocks, val_blocks = split_blocks(blocks, val_fraction, val_max)
+    n = len(corpus.example_ids)
+    order = np.random.default_rng([seed, 1]).permutation(n)
+    n_val = min(val_max, max(1, round(n * val_fraction))) if val_fraction > 0 and n else 0
+    fits = [int(i) for i in order if len(corpus.example_ids[i]) <= block_size]
+    held = set(order[n - n_val :].tolist())
+
+    def rows(blocks: np.ndarray, chosen: list[int], all_labels: bool) -> Rows:
+        ids = [corpus.example_ids[i] for i in chosen]
+        labels = [corpus.example_labels[i] for i in chosen]
+        if all_labels:
+            labels = [np.ones(len(a), bool) for a in ids]
+        return Rows(blocks, ids, labels, eos_id)
+
+    return Split(
+        train=rows(train_blocks, [i for i in fits if i not in held], loss_on == "all"),
+        val=rows(val_blocks, [i for i in fits if i in held], False),
+        n_stream=len(stream),
+        n_blocks=len(blocks),
+        n_examples=n,
+        too_long=n - len(fits),
+    )
+
+
 class BatchSampler:
     """Batches as a pure function of the data position (samples consumed so far): sample s is
-    block ``perm_e[s % N]`` of epoch ``e = s // N``, each epoch's permutation seeded. So a
+    row ``perm_e[s % N]`` of epoch ``e = s // N``, each epoch's permutation seeded. So a
     resumed run sees exactly the batches an uninterrupted one would."""
 
-    def __init__(self, blocks: np.ndarray, batch_size: int, seed: int, device: torch.device):
-        self.blocks = torch.from_numpy(np.ascontiguousarray(blocks))
+    def __init__(self, rows: np.ndarray | Rows, batch_size: int, seed: int, device: torch.device):
+        self.rows = rows if isinstance(rows, Rows) else Rows(np.ascontiguousarray(rows))
         self.batch_size, self.seed, self.device = batch_size, seed, device
         self._perms: dict[int, torch.Tensor] = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perms = {epoch: torch.randperm(len(self.blocks), generator=gen)}
+            self._perms = {epoch: torch.randperm(len(self.rows), generator=gen)}
         return self._perms[epoch]
 
-    def batch(self, start: int) -> torch.Tensor:
-        n = len(self.blocks)
+    def batch_with_mask(self, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The token ids (B, L) of the batch at data position ``start``, and its label mask
+        (B, L) bool (None when every token is a label: text blocks only)."""
+        n = len(self.rows)
         idx = [int(self._perm(s // n)[s % n]) for s in range(start, start + self.batch_size)]
-        return self.blocks[idx].to(self.device, non_blocking=True)  # (B, T)
+        ids, mask = self.rows.take(idx)
+        batch = torch.from_numpy(ids).to(self.device, non_blocking=True)
+        if mask is None:
+            return batch, None
+        return batch, torch.from_numpy(mask).to(self.device, non_blocking=True)
+
+    def batch(self, start: int) -> torch.Tensor:
+        """The token ids (B, L) of the batch at data position ``start``."""
+        return self.batch_with_mask(start)[0]

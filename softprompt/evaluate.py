@@ -8,6 +8,10 @@ row is ``[soft][BOS][block]``, "no prompt" is ``[BOS][block]`` and the hard-prom
 everything before it: all T tokens of each block when the model has a BOS token (then the
 soft prompt row equals the training run's validation loss), else tokens 1..T-1 (the first
 token of a block has no prediction without a prefix, so it is left out everywhere).
+
+Examples (pairs and chats in .jsonl files) are scored as training validates them: each is a
+row of its own, ``[prefix][BOS][example]``, and only its completion (its assistant turns)
+is scored.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .data import make_blocks, read_dataset, split_blocks, token_stream, tokenize_dataset
+from .data import Rows, Split, read_dataset, split_rows, tokenize_dataset
 from .errors import ConfigError, DataError
 from .loss import loss_sums
 from .loss import perplexity as _perplexity
@@ -51,6 +55,7 @@ class EvalResult:
     block_size: int
     dataset: str = ""
     bos: bool = False  # the model's tokenizer puts a BOS token first: every token is scored
+    examples: int = 0  # of the blocks, examples: only their completions are scored
 
     def __getitem__(self, key: str) -> Variant:
         for v in self.variants:
@@ -66,6 +71,7 @@ class EvalResult:
             "block_size": self.block_size,
             "tokens_scored": self.tokens_scored,
             "bos": self.bos,
+            "examples": self.examples,
             "variants": {},
         }
         for v in self.variants:
@@ -84,6 +90,15 @@ class EvalResult:
             delta = "" if base is None or v.key == "none" else f"{v.loss - base:+.4f}"
             lines.append(f"{v.label:{width}}  {v.loss:7.4f}  {v.perplexity:10.2f}  {delta:>8}")
         first, bos = (1, ", after the BOS token") if self.bos else (2, "")
+        if self.examples:
+            n, texts = self.examples, self.n_blocks - self.examples
+            lines.append(
+                f"{self.tokens_scored:,} tokens scored per row: the completions of {n} "
+                f"example{'s' if n != 1 else ''}"
+                + (f" and every token of {texts} text blocks" if texts else "")
+                + f" (rows of at most {self.block_size} tokens{bos})"
+            )
+            return "\n".join(lines)
         lines.append(
             f"{self.tokens_scored:,} tokens scored per row: tokens {first}..{self.block_size} of "
             f"{self.n_blocks} block{'s' if self.n_blocks != 1 else ''} of {self.block_size}{bos}"
@@ -102,10 +117,18 @@ def init_text_ids(lm: LoadedModel, soft_prompt: SoftPrompt) -> list[int] | None:
 
 
 def compare_blocks(
-    lm: LoadedModel, soft_prompt: SoftPrompt | None, blocks: np.ndarray, batch_size: int = 4
+    lm: LoadedModel,
+    soft_prompt: SoftPrompt | None,
+    blocks: np.ndarray | Rows,
+    batch_size: int = 4,
 ) -> tuple[list[Variant], int]:
-    """Score ``blocks`` (N, T) with each variant; returns the variants and tokens scored."""
-    if blocks.ndim != 2 or blocks.shape[1] < 2 or not len(blocks):
+    """Score ``blocks`` (N, T), or ``Rows`` (blocks and examples: their completions), with
+    each variant; returns the variants and tokens scored."""
+    if not isinstance(blocks, Rows):
+        if blocks.ndim != 2:
+            raise DataError("evaluation needs at least one block of at least 2 tokens")
+        blocks = Rows(blocks)
+    if blocks.width < 2 or not len(blocks):
         raise DataError("evaluation needs at least one block of at least 2 tokens")
     none = torch.zeros(0, lm.embed_dim)
     bos = lm.bos_ids
@@ -123,9 +146,9 @@ def compare_blocks(
     variants, count = [], 0
     for key, label, prefix, lead in rows:
         n_prefix = prefix.shape[0] + len(lead)
-        if n_prefix + blocks.shape[1] > lm.context_length:
+        if n_prefix + blocks.width > lm.context_length:
             raise ConfigError(
-                f"--block-size {blocks.shape[1]} plus the {label} exceeds the model's context of "
+                f"--block-size {blocks.width} plus the {label} exceeds the model's context of "
                 f"{lm.context_length}: use --block-size {lm.context_length - n_prefix} or less"
             )
         lead_ids = torch.tensor(lead, dtype=torch.long) if lead else None
@@ -190,21 +213,37 @@ def evaluate(
     size = block_size or default_block_size(
         lm.context_length, n_prefix + len(lm.bos_ids), lm.device.type
     )
-    corpus = tokenize_dataset(texts, lm.tokenizer, cache_dir)
-    stream = token_stream(corpus, lm.eos_token_id, seed)
-    blocks = make_blocks(stream, size)
-    if not len(blocks):
+    corpus = tokenize_dataset(
+        texts, lm.tokenizer, cache_dir, eos_id=lm.eos_token_id, bos_ids=lm.bos_ids
+    )
+    split = split_rows(corpus, lm.eos_token_id, size, seed, val_fraction, max_blocks)
+    rows = _scored_rows(split, str(dataset), size, val_fraction, max_blocks)
+    variants, count = compare_blocks(lm, soft_prompt, rows, batch_size)
+    return EvalResult(
+        variants, count, len(rows), size, str(dataset), bool(lm.bos_ids), len(rows.ids)
+    )
+
+
+def _scored_rows(
+    split: Split, dataset: str, size: int, val_fraction: float, max_blocks: int
+) -> Rows:
+    """The rows ``evaluate`` scores: those held out at ``val_fraction``, or the last
+    ``max_blocks`` of the dataset; DataError when there are none."""
+    if split.n_examples and not len(split.train) + len(split.val):
         raise DataError(
-            f"dataset {dataset} has {len(stream)} tokens, fewer than one block of {size}: "
-            f"add text or lower --block-size (e.g. --block-size {max(2, len(stream) // 2)})"
+            f"dataset {dataset}: none of its {split.n_examples} examples fits in --block-size "
+            f"{size}: raise --block-size"
         )
-    if val_fraction > 0:
-        if len(blocks) < 2:
-            raise DataError(
-                f"dataset {dataset} has one block of {size}: nothing is held out at --val-fraction"
-            )
-        blocks = split_blocks(blocks, val_fraction, max_blocks)[1]
-    else:
-        blocks = blocks[-max_blocks:]
-    variants, count = compare_blocks(lm, soft_prompt, blocks, batch_size)
-    return EvalResult(variants, count, len(blocks), size, str(dataset), bool(lm.bos_ids))
+    if not split.n_examples and not split.n_blocks:
+        raise DataError(
+            f"dataset {dataset} has {split.n_stream} tokens, fewer than one block of {size}: "
+            f"add text or lower --block-size (e.g. --block-size {max(2, split.n_stream // 2)})"
+        )
+    if val_fraction == 0:
+        return split.train[-max_blocks:]
+    if not len(split.val) or not len(split.train):
+        raise DataError(
+            f"dataset {dataset} has {len(split.train) + len(split.val)} row(s) of at most "
+            f"{size} tokens: nothing is held out at --val-fraction"
+        )
+    return split.val

@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch
 
+from .data import Rows
 from .soft_prompt import (
     PromptedModel,
     block_inputs,
@@ -37,29 +38,51 @@ def block_loss(
     block: torch.Tensor,
     reduction: str = "mean",
     lead: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy (float32) of the tokens of ``block`` (B, T) laid out as
     ``[soft][lead][block]`` (``lead``: the tokenizer's BOS, see ``LoadedModel.bos_ids``).
     ``reduction="none"`` gives one loss per token (flattened, B x keep; see block_logits).
+
+    ``mask`` (B, T) bool, when given, says which tokens are labels (a completion, an
+    assistant turn; False for a prompt and for padding): the others carry no loss, the LM
+    head does no work on them, "mean" is over the labels and "none" gives the labels' losses
+    only (row by row). None: every token is a label.
 
     When the model's logits are its LM head applied to its last hidden state (checked once
     per model, see ``fused_head``), the head and the loss run together a chunk of rows at a
     time (``head_cross_entropy``) and the (tokens x vocabulary) logits never exist at once."""
     keep = n_predicted(soft.shape[0] + lead_length(lead), block.shape[1])
     labels = block[:, block.shape[1] - keep :].reshape(-1)  # (B x keep,)
+    rows = None if mask is None else label_rows(mask, keep)
+    if rows is not None:
+        labels = labels[rows.to(labels.device)]
     lm = model.model if isinstance(model, PromptedModel) else model
     head = fused_head(lm)
     if head is not None:
         embeds = prepend(lm, soft, block_inputs(block, lead))  # (B, n + k + T - 1, d)
         hidden = lm.base_model(inputs_embeds=embeds, use_cache=False)[0]
         hidden = hidden[:, -keep:].reshape(-1, hidden.shape[-1])  # (B x keep, d)
+        if rows is not None:
+            hidden = hidden[rows.to(hidden.device)]
         losses = head_cross_entropy(hidden, head.weight, head.bias, labels.to(hidden.device))
     else:
         logits = block_logits(model, soft, block, lead)  # (B, keep, V)
-        losses = cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.to(logits.device))
+        logits = logits.reshape(-1, logits.shape[-1])
+        if rows is not None:
+            logits = logits[rows.to(logits.device)]
+        losses = cross_entropy(logits, labels.to(logits.device))
     if reduction == "none":
         return losses
-    return losses.sum() if reduction == "sum" else losses.mean()
+    if reduction == "sum":
+        return losses.sum()
+    return losses.mean() if rows is None else losses.sum() / max(len(losses), 1)
+
+
+def label_rows(mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """The flat indices, among the B x keep predicted positions, of the tokens ``mask``
+    (B, T) marks as labels."""
+    return mask[:, mask.shape[1] - keep :].reshape(-1).nonzero().squeeze(1)
 
 
 def fused_head(model: torch.nn.Module) -> torch.nn.Linear | None:
@@ -203,30 +226,41 @@ class _ChunkBuffers:
 def loss_sums(
     model: torch.nn.Module,
     soft: torch.Tensor,
-    blocks: np.ndarray | torch.Tensor,
+    blocks: np.ndarray | torch.Tensor | Rows,
     batch_size: int,
     device,
     *,
     lead: torch.Tensor | None = None,
     first: int | None = None,
     n_batches: int = 0,
-    filler: np.ndarray | None = None,
+    filler: np.ndarray | Rows | None = None,
 ) -> tuple[float, int]:
     """Summed cross-entropy (nats) of tokens ``first``..T-1 of every block (N, T) laid out as
     ``[soft][lead][block]``, and how many tokens that is. ``first`` defaults to every token
-    that has a prediction (0 when anything comes before the block, else 1). With
-    ``n_batches`` the model runs exactly that many times, on the ``filler`` blocks
-    (uncounted) once ``blocks`` run out: a model sharded across ranks needs every rank to
-    run it equally often."""
-    if isinstance(blocks, np.ndarray):
-        blocks = torch.from_numpy(np.ascontiguousarray(blocks))
+    that has a prediction (0 when anything comes before the block, else 1). ``blocks`` may
+    be ``data.Rows``: then only their labels count (an example's completion), among the
+    tokens from ``first`` on. With ``n_batches`` the model runs exactly that many times, on
+    the ``filler`` blocks (uncounted) once ``blocks`` run out: a model sharded across ranks
+    needs every rank to run it equally often."""
+    if isinstance(blocks, torch.Tensor):
+        blocks = blocks.cpu().numpy()
+    rows = blocks if isinstance(blocks, Rows) else Rows(np.asarray(blocks))
+    spare = filler if isinstance(filler, Rows) or filler is None else Rows(np.asarray(filler))
     total, count = 0.0, 0
-    for b in range(max(n_batches, math.ceil(len(blocks) / batch_size))):
-        part = blocks[b * batch_size : (b + 1) * batch_size]
-        batch = (part if len(part) else torch.as_tensor(filler)).to(device)  # (B, T)
+    for b in range(max(n_batches, math.ceil(len(rows) / batch_size))):
+        part = range(b * batch_size, min((b + 1) * batch_size, len(rows)))
+        ids, mask = (rows if len(part) else spare).take(part if len(part) else [0])  # type: ignore[union-attr]
+        batch = torch.from_numpy(ids).to(device)  # (B, T)
         T = batch.shape[1]
         keep = n_predicted(soft.shape[0] + lead_length(lead), T)
         start = T - keep if first is None else first
+        if mask is not None:
+            mask[:, :start] = False
+            losses = block_loss(model, soft, batch, "none", lead, torch.from_numpy(mask))
+            if len(part):
+                total += losses.double().sum().item()
+                count += int(mask.sum())
+            continue
         losses = block_loss(model, soft, batch, reduction="none", lead=lead).view(len(batch), -1)
         if len(part):
             total += losses[:, start - (T - keep) :].double().sum().item()

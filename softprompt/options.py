@@ -55,8 +55,13 @@ class EvalOptions:
 
     model: str | None = option(None, MODEL_HELP)
     softprompt: str = option(None, SOFTPROMPT_HELP, "FILE", required=True)
-    dataset: str = option(None, "a .txt file or a folder of them", "PATH", required=True)
-    recursive: bool = option(False, "also read .txt files in sub-folders")
+    dataset: str = option(
+        None,
+        "a .txt or .jsonl file or a folder of them (examples: only their completions are scored)",
+        "PATH",
+        required=True,
+    )
+    recursive: bool = option(False, "also read .txt and .jsonl files in sub-folders")
     block_size: int | None = option(
         None, "tokens per block (default: as training picks it for this soft prompt)", "N"
     )

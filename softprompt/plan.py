@@ -42,6 +42,8 @@ class Plan:
     total_steps: int
     start_step: int  # 0; a checkpoint's step; an mtj-softtuner run's step
     eval_every: int = 0  # steps between validations (0: only at the start and the end)
+    row_tokens: float = 0.0  # tokens in a training row on average (0: block_size, text blocks)
+    row_width: int = 0  # tokens in the widest batch's rows (0: block_size)
 
     @property
     def samples_per_step(self) -> int:
@@ -53,12 +55,17 @@ class Plan:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.samples_per_step * self.block_size
+        """Tokens trained on in a step: examples count their own length, not the block's."""
+        return self.tokens_after(self.samples_per_step)
+
+    def tokens_after(self, samples: int) -> int:
+        """Tokens trained on in ``samples`` rows (blocks or examples)."""
+        return round(samples * (self.row_tokens or self.block_size))
 
     @property
     def positions(self) -> int:
         """Sequence positions in one micro-batch: what the activations scale with."""
-        return self.batch_size * (self.n_tokens + self.n_bos + self.block_size)
+        return self.batch_size * (self.n_tokens + self.n_bos + (self.row_width or self.block_size))
 
 
 def default_block_size(context: int, n_prefix: int, device_type: str) -> int:
@@ -112,6 +119,32 @@ def check_blocks(cfg: TrainConfig, n_stream: int, block_size: int, n_blocks: int
     )
 
 
+def check_rows(
+    cfg: TrainConfig,
+    block_size: int,
+    *,
+    n_stream: int,
+    n_blocks: int,
+    n_examples: int,
+    too_long: int,
+    n_train: int,
+    n_val: int,
+) -> None:
+    """``check_blocks``, for a dataset with examples too: DataError unless a row (block or
+    example) is left to train on and, unless --val-fraction is 0, one held out."""
+    if not n_examples:
+        return check_blocks(cfg, n_stream, block_size, n_blocks)
+    if n_train and (n_val or cfg.val_fraction == 0):
+        return None
+    longer = f" ({too_long} longer, left out)" if too_long else ""
+    fix = "add examples" + (f" or raise --block-size (now {block_size})" if too_long else "")
+    raise DataError(
+        f"dataset {cfg.dataset}: {n_examples - too_long} of its {n_examples} examples fit in "
+        f"--block-size {block_size}{longer}, which leaves {n_train} to train on and {n_val} "
+        f"held out; a run needs one of each (--val-fraction 0: none held out): {fix}"
+    )
+
+
 def small_dataset_note(n_tokens: int) -> str | None:
     """A warning when the text is too little to learn a style from, else None."""
     if n_tokens >= SMALL_DATASET_TOKENS:
@@ -135,6 +168,8 @@ def make_plan(
     world: int = 1,
     checkpoint: dict | None = None,
     mtj_step: int = 0,
+    row_tokens: float = 0.0,
+    row_width: int = 0,
 ) -> Plan:
     """The run's shape from the options and the counts; ``batch_size`` is the wanted per-rank
     batch (--batch-size, or what ``auto`` found). Resuming keeps the checkpoint's global
@@ -177,6 +212,8 @@ def make_plan(
         total,
         start,
         eval_every,
+        row_tokens,
+        row_width,
     )
 
 

@@ -2,7 +2,8 @@
 
 The report holds the loss curve (train and validation against steps), validation loss and
 perplexity before and after, tokens seen, time, speed, and a few short continuations with and
-without the soft prompt, from prompts taken at the start of validation blocks.
+without the soft prompt, from prompts taken at the start of validation blocks (or the
+prompts of held-out examples, beside the completion they hold).
 
 matplotlib, which draws the curve, is optional (``pip install 'softprompt[plot]'``): without
 it the report is written without the picture, with a note.
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .data import Rows
 from .fileio import atomic_write, write_text
 from .generate import stream
 from .runfiles import CURVE_FILE, REPORT_FILE
@@ -97,31 +99,52 @@ def plot_losses(records: list[dict], title: str = "") -> bytes:
 
 
 def sample_prompts(
-    lm: LoadedModel, blocks: np.ndarray, n: int = 2, tokens: int = SAMPLE_PROMPT_TOKENS
+    lm: LoadedModel, blocks: np.ndarray | Rows, n: int = 2, tokens: int = SAMPLE_PROMPT_TOKENS
 ) -> list[str]:
-    """The text of the first ``tokens`` tokens of the first ``n`` blocks."""
-    out = []
+    """The text of the first ``tokens`` tokens of the first ``n`` blocks; for an example,
+    its prompt: its tokens before the first label, special tokens kept (a chat's markers)."""
+    return [prompt for prompt, _ in sample_rows(lm, blocks, n, tokens)]
+
+
+def sample_rows(
+    lm: LoadedModel, blocks: np.ndarray | Rows, n: int = 2, tokens: int = SAMPLE_PROMPT_TOKENS
+) -> list[tuple[str, str | None]]:
+    """``sample_prompts``' prompts, each with the completion its example holds (None for a
+    text block)."""
+    rows = blocks if isinstance(blocks, Rows) else Rows(np.asarray(blocks))
+    out: list[tuple[str, str | None]] = []
     tokenizer: Any = lm.tokenizer
-    for block in blocks[:n]:
-        text = tokenizer.decode([int(t) for t in block[:tokens]], skip_special_tokens=True)
+    for i in range(min(n, len(rows))):
+        ids, mask = rows.take([i])
+        if mask is None or mask[0].all():
+            text = tokenizer.decode([int(t) for t in ids[0, :tokens]], skip_special_tokens=True)
+            expected = None
+        else:
+            first = int(mask[0].argmax())
+            text = tokenizer.decode([int(t) for t in ids[0, :first]])
+            expected = tokenizer.decode([int(t) for t in ids[0][mask[0]]])
         if text.strip():
-            out.append(text)
+            out.append((text, expected))
     return out
 
 
 def samples(
-    lm: LoadedModel, soft_prompt, prompts: list[str], new_tokens: int = SAMPLE_NEW_TOKENS
+    lm: LoadedModel,
+    soft_prompt,
+    prompts: list[str] | list[tuple[str, str | None]],
+    new_tokens: int = SAMPLE_NEW_TOKENS,
 ) -> list[dict]:
     """Each prompt's continuation with and without the soft prompt (greedy)."""
     n_soft = soft_prompt.n_tokens if soft_prompt is not None else 0
     new_tokens = min(new_tokens, lm.context_length - n_soft - len(lm.bos_ids) - 1)
     out = []
-    for prompt in prompts if new_tokens > 0 else []:
+    for item in prompts if new_tokens > 0 else []:
+        prompt, expected = item if isinstance(item, tuple) else (item, None)
         with_sp = "".join(
             stream(lm, prompt, soft_prompt, SAMPLE_OPTIONS, max_new_tokens=new_tokens)
         )
         without = "".join(stream(lm, prompt, None, SAMPLE_OPTIONS, max_new_tokens=new_tokens))
-        out.append({"prompt": prompt, "with": with_sp, "without": without})
+        out.append({"prompt": prompt, "with": with_sp, "without": without, "expected": expected})
     return out
 
 
@@ -170,17 +193,15 @@ def render(
             "## Samples",
             "",
             f"Greedy continuations ({SAMPLE_NEW_TOKENS} new tokens, repetition penalty "
-            f"{SAMPLE_OPTIONS.repetition_penalty}) of the start of validation blocks.",
+            f"{SAMPLE_OPTIONS.repetition_penalty}) of the start of validation blocks, or of "
+            "the prompts of held-out examples.",
             "",
         ]
         for i, ex in enumerate(examples, 1):
+            lines += [f"### Sample {i}", "", "Prompt:", "", _fence(ex["prompt"]), ""]
+            if ex.get("expected") is not None:
+                lines += ["The example's completion:", "", _fence(ex["expected"]), ""]
             lines += [
-                f"### Sample {i}",
-                "",
-                "Prompt:",
-                "",
-                _fence(ex["prompt"]),
-                "",
                 "With the soft prompt:",
                 "",
                 _fence(ex["with"]),
@@ -200,7 +221,7 @@ def render(
 
 
 def write_report(
-    out: str | Path, result: TrainResult, lm: LoadedModel, val_blocks: np.ndarray
+    out: str | Path, result: TrainResult, lm: LoadedModel, val_blocks: np.ndarray | Rows
 ) -> Path:
     """Write ``loss_curve.png`` and ``report.md`` into ``out``; returns the report's path.
     A missing or failing matplotlib only leaves the picture out."""
@@ -220,7 +241,7 @@ def write_report(
             fh.write(png)
         curve = CURVE_FILE
     examples = (
-        samples(lm, result.soft_prompt, sample_prompts(lm, val_blocks)) if len(val_blocks) else []
+        samples(lm, result.soft_prompt, sample_rows(lm, val_blocks)) if len(val_blocks) else []
     )
     path = out / REPORT_FILE
     write_text(path, render(result, lm, examples, curve, len(val_blocks)))

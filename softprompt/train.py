@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import distributed
@@ -39,14 +38,7 @@ from .checkpoint import (
     mtj_resume_step,
 )
 from .config import PATHS, TrainConfig, absolute_paths, decisions, saved_options, to_toml
-from .data import (
-    BatchSampler,
-    make_blocks,
-    read_dataset,
-    split_blocks,
-    token_stream,
-    tokenize_dataset,
-)
+from .data import BatchSampler, Corpus, Rows, Split, read_dataset, split_rows, tokenize_dataset
 from .errors import ConfigError, RunError, SoftPromptError
 from .fileio import copy_file, format_bytes, write_text
 from .formats import load_any
@@ -56,7 +48,7 @@ from .outputs import Metrics, copy_target, soft_prompt_files, soft_prompt_meta, 
 from .plan import (
     Plan,
     block_size_for,
-    check_blocks,
+    check_rows,
     decide_checkpointing,
     decide_compile,
     estimate_seconds,
@@ -218,7 +210,7 @@ class Run:
     plan: Plan
     state: TrainState
     batches: BatchSampler
-    val_blocks: np.ndarray
+    val_blocks: Rows  # the held-out blocks and examples
     lead: torch.Tensor | None  # the BOS token between soft prompt and block, if any
     identity: dict[str, Any]  # what a checkpoint of this run belongs to
     checkpoint: dict | None  # the one resumed from
@@ -296,15 +288,14 @@ def setup(
     if ranks.main:
         check_free_space(out, n_tokens, lm.embed_dim)
     with distributed.main_first(ranks):  # rank 0 writes the token cache, the others read it
-        corpus = tokenize_dataset(texts, lm.tokenizer, cfg.cache_dir)
-    stream = token_stream(corpus, lm.eos_token_id, cfg.seed)
-    blocks = make_blocks(stream, block_size)
-    check_blocks(cfg, len(stream), block_size, len(blocks))
-    train_blocks, val_blocks = split_blocks(blocks, cfg.val_fraction, cfg.val_max_blocks)
+        corpus = tokenize_dataset(
+            texts, lm.tokenizer, cfg.cache_dir, eos_id=lm.eos_token_id, bos_ids=lm.bos_ids
+        )
+    split = _split(cfg, corpus, lm, block_size)
     wanted = cfg.batch_size
     if wanted == "auto":
         wanted = auto_batch_size(
-            lm, n_tokens, train_blocks, cfg.checkpointing is not False, ranks, lead
+            lm, n_tokens, split.train.probe(), cfg.checkpointing is not False, ranks, lead
         )
     mtj_step = mtj_resume_step(cfg, init_sp.meta if init_sp is not None else None)
     plan = make_plan(
@@ -312,14 +303,16 @@ def setup(
         n_tokens=n_tokens,
         n_bos=n_bos,
         block_size=block_size,
-        n_train=len(train_blocks),
-        n_val=len(val_blocks),
+        n_train=len(split.train),
+        n_val=len(split.val),
         batch_size=int(wanted),
         world=ranks.world,
         checkpoint=checkpoint,
         mtj_step=mtj_step,
+        row_tokens=split.train.mean_tokens,
+        row_width=split.train.width,
     )
-    _log_setup(corpus, len(stream), len(blocks), plan, lm, int(wanted), checkpoint)
+    _log_setup(corpus, split, plan, lm, int(wanted), checkpoint, cfg.loss_on)
     state = _initial_state(cfg, lm, plan, ranks, checkpoint, init_sp)
     identity = {
         "dataset_hash": corpus.content_hash,
@@ -337,14 +330,38 @@ def setup(
         ranks=ranks,
         plan=plan,
         state=state,
-        batches=BatchSampler(train_blocks, plan.batch_size, cfg.seed, lm.device),
-        val_blocks=val_blocks,
+        batches=BatchSampler(split.train, plan.batch_size, cfg.seed, lm.device),
+        val_blocks=split.val,
         lead=lead,
         identity=identity,
         checkpoint=checkpoint,
         status=status,
         copy_to=copy_to,
     )
+
+
+def _split(cfg: TrainConfig, corpus: Corpus, lm: LoadedModel, block_size: int) -> Split:
+    """The training and validation rows (text blocks, examples), checked to be enough."""
+    split = split_rows(
+        corpus,
+        lm.eos_token_id,
+        block_size,
+        cfg.seed,
+        cfg.val_fraction,
+        cfg.val_max_blocks,
+        cfg.loss_on,
+    )
+    check_rows(
+        cfg,
+        block_size,
+        n_stream=split.n_stream,
+        n_blocks=split.n_blocks,
+        n_examples=split.n_examples,
+        too_long=split.too_long,
+        n_train=len(split.train),
+        n_val=len(split.val),
+    )
+    return split
 
 
 def _load_model(
@@ -414,7 +431,13 @@ def _initial_state(
 
 
 def _log_setup(
-    corpus, n_stream: int, n_blocks: int, plan: Plan, lm: LoadedModel, wanted: int, checkpoint
+    corpus: Corpus,
+    split: Split,
+    plan: Plan,
+    lm: LoadedModel,
+    wanted: int,
+    checkpoint,
+    loss_on: str = "completion",
 ) -> None:
     if checkpoint is not None and int(checkpoint.get("world_size", 1)) != plan.world:
         log.info(
@@ -429,21 +452,24 @@ def _log_setup(
         )
     elif plan.batch_size < wanted:
         log.info("note: --batch-size lowered to %d, the number of training blocks", plan.batch_size)
-    log.info(
-        "dataset: %d file%s, %s characters, %s tokens%s -> %d blocks of %d (%d train, %d validation)",
-        len(corpus.files),
-        "" if len(corpus.files) == 1 else "s",
-        f"{corpus.chars:,}",
-        f"{corpus.n_tokens:,}",
-        " (token cache)" if corpus.cached else "",
-        n_blocks,
-        plan.block_size,
-        plan.n_train,
-        plan.n_val,
-    )
+    if split.n_examples:
+        _log_examples(corpus, split, plan, loss_on)
+    else:
+        log.info(
+            "dataset: %d file%s, %s characters, %s tokens%s -> %d blocks of %d (%d train, %d validation)",
+            len(corpus.files),
+            "" if len(corpus.files) == 1 else "s",
+            f"{corpus.chars:,}",
+            f"{corpus.n_tokens:,}",
+            " (token cache)" if corpus.cached else "",
+            split.n_blocks,
+            plan.block_size,
+            plan.n_train,
+            plan.n_val,
+        )
     if corpus.skipped:
         log.info("skipped: %s", ", ".join(corpus.skipped))
-    if (note := small_dataset_note(n_stream)) is not None:
+    if not split.n_examples and (note := small_dataset_note(split.n_stream)) is not None:
         log.warning("%s", note)
     log.info(
         "model: %s on %s (%s), context %d, embedding width %d",
@@ -453,6 +479,40 @@ def _log_setup(
         lm.context_length,
         lm.embed_dim,
     )
+
+
+def _log_examples(corpus: Corpus, split: Split, plan: Plan, loss_on: str) -> None:
+    """The summary of a dataset with examples: the rows, then each example file's shape
+    (ten at most) and what carries the loss."""
+    files = len(corpus.files)
+    blocks = f" and {split.n_blocks} text blocks" if split.n_blocks else ""
+    longer = f", {split.too_long:,} longer than {plan.block_size} tokens left out"
+    log.info(
+        "dataset: %d file%s, %s characters, %s tokens%s -> %s examples%s%s; rows of at most "
+        "%d tokens, %d train, %d validation (held out by example)",
+        files,
+        "" if files == 1 else "s",
+        f"{corpus.chars:,}",
+        f"{corpus.n_tokens:,}",
+        " (token cache)" if corpus.cached else "",
+        f"{split.n_examples:,}",
+        longer if split.too_long else "",
+        blocks,
+        plan.block_size,
+        plan.n_train,
+        plan.n_val,
+    )
+    for f in corpus.examples[:10]:
+        log.info("  %s", f.describe(loss_on))
+    if len(corpus.examples) > 10:
+        log.info("  and %d more example files", len(corpus.examples) - 10)
+    if split.too_long > split.n_examples // 10:
+        log.warning(
+            "warning: %d of the %d examples are longer than --block-size %d and are left out",
+            split.too_long,
+            split.n_examples,
+            plan.block_size,
+        )
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -474,7 +534,7 @@ def prepare(run: Run) -> TrainConfig:
             "?" if free is None else format_bytes(free),
             lm.device,
         )
-    batch = run.batches.batch(run.state.samples + run.mine)
+    batch = run.batches.batch_with_mask(run.state.samples + run.mine)
     fused_head(lm.model)  # its one-off check of the model runs before any layer is compiled
     want_compile, step_seconds = cfg.compile, None
     if want_compile is None:  # unset: compile when the run is long enough to repay it
@@ -514,9 +574,9 @@ def prepare(run: Run) -> TrainConfig:
     return resolved_config(cfg, plan, run.checkpointing, want_compile)
 
 
-def _check_step(run: Run, batch: torch.Tensor) -> None:
+def _check_step(run: Run, batch: tuple[torch.Tensor, torch.Tensor | None]) -> None:
     with activation_checkpointing(run.net, run.checkpointing):  # as in training: same memory
-        loss = block_loss(run.net, run.state.soft, batch, lead=run.lead)
+        loss = block_loss(run.net, run.state.soft, batch[0], lead=run.lead, mask=batch[1])
         if not math.isfinite(loss.item()):
             lm = run.lm
             raise RunError(
@@ -528,14 +588,14 @@ def _check_step(run: Run, batch: torch.Tensor) -> None:
     run.state.soft.grad = None
 
 
-def _timed_check_step(run: Run, batch: torch.Tensor) -> float:
+def _timed_check_step(run: Run, batch: tuple[torch.Tensor, torch.Tensor | None]) -> float:
     """Seconds of one optimizer step (the check step times the accumulation)."""
     t0 = time.perf_counter()
     _check_step(run, batch)
     return (time.perf_counter() - t0) * run.plan.grad_accum
 
 
-def _first_compiled_step(run: Run, batch: torch.Tensor) -> bool:
+def _first_compiled_step(run: Run, batch: tuple[torch.Tensor, torch.Tensor | None]) -> bool:
     """Compiling happens on the first call: run it apart from the timing. A failure to
     compile (no C compiler, an unsupported op...) falls back to plain PyTorch with a note."""
     t0 = time.perf_counter()
@@ -601,8 +661,9 @@ def fit(run: Run, val_loss: float | None) -> float:
         while state.step < plan.total_steps and not early:
             loss = 0.0
             for _ in range(plan.grad_accum):
-                batch = run.batches.batch(state.samples + run.mine)
-                part = block_loss(run.net, state.soft, batch, lead=run.lead) / plan.grad_accum
+                batch, mask = run.batches.batch_with_mask(state.samples + run.mine)
+                part = block_loss(run.net, state.soft, batch, lead=run.lead, mask=mask)
+                part = part / plan.grad_accum
                 part.backward()
                 loss += part.item()
                 state.samples += plan.batch_size * plan.world
@@ -675,7 +736,7 @@ def _record_step(
             "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens": state.samples * run.plan.block_size,
+            "tokens": run.plan.tokens_after(state.samples),
             "tokens_per_s": tokens / max(elapsed, 1e-9),
             "elapsed_s": state.elapsed_before + elapsed,  # over every segment of the run
         }
@@ -759,7 +820,7 @@ def finish(
         steps=state.step,
         val_loss_before=val_before,
         val_loss_after=val_after,
-        tokens_seen=state.step * run.plan.tokens_per_step,
+        tokens_seen=run.plan.tokens_after(state.samples),
         seconds=state.elapsed_before + seconds,  # over every segment of a resumed run
         config=resolved,
         metrics=run.metrics.records,

@@ -240,6 +240,17 @@ def test_upload_sanitises_names_and_checks_text(server, monkeypatch):
     assert [d["files"] for d in datasets] == [["evil.txt"]]
 
 
+def test_upload_takes_jsonl_examples_and_names_a_bad_line(server):
+    good = b'{"prompt": "Q: 2+2?", "completion": " 4"}\n{"prompt": "Q: 3+3?", "completion": " 6"}\n'
+    status, data = call(server, "POST", "/api/upload?dataset=qa&filename=train.jsonl", raw=good)
+    assert status == 200 and data["file"] == "train.jsonl", data
+    bad = b'{"prompt": "Q: 2+2?", "completion": " 4"}\n{"prompt": "Q"}\n'
+    status, data = call(server, "POST", "/api/upload?dataset=qa&filename=bad.jsonl", raw=bad)
+    assert status == 400 and 'bad.jsonl line 2 has no "completion"' in data["error"]
+    datasets = call(server, "GET", "/api/datasets")[1]["datasets"]
+    assert [d["files"] for d in datasets] == [["train.jsonl"]]
+
+
 def test_progress_and_eta_from_metrics():
     records = [{"step": 0, "val_loss": 5.0}] + [
         {"step": s, "loss": 6.0 - s / 10, "tokens_per_s": 100.0, "elapsed_s": s * 2.0}

@@ -1,7 +1,7 @@
 """The workspace folder of `softprompt ui`: its datasets and runs, and the training processes
 started from it.
 
-    WORKDIR/datasets/NAME/*.txt     uploaded .txt files
+    WORKDIR/datasets/NAME/*.txt     uploaded .txt files (and .jsonl, .json examples)
     WORKDIR/runs/ID/job.json        what the page asked for (options, command, pid, times)
     WORKDIR/runs/ID/run.toml        the options, passed with --config
     WORKDIR/runs/ID/status.json     how the run stands, kept by train (--status-file)
@@ -39,6 +39,7 @@ from typing import Any
 
 from ..config import to_toml
 from ..errors import ConfigError, RunError, SoftPromptError
+from ..examples import EXAMPLE_SUFFIXES, parse_examples
 from ..fileio import atomic_write, safe_filename, write_text
 from ..http import loads
 from ..runfiles import (
@@ -68,6 +69,7 @@ log = logging.getLogger("softprompt.ui")
 
 MAX_METRICS = 5000  # metric records per answer (the page asks again from where it stopped)
 LOG_TAIL = 40  # log lines shown on the page
+UPLOADS = (".txt", *EXAMPLE_SUFFIXES)  # what the page uploads and lists
 
 
 def default_workdir() -> Path:
@@ -487,8 +489,8 @@ class Workspace:
 
     # --- datasets
     def list_datasets(self) -> list[dict[str, Any]]:
-        """The dataset folders, their .txt files, and the runs trained on each; what a link
-        takes out of datasets/ is left out."""
+        """The dataset folders, their .txt and example files, and the runs trained on each;
+        what a link takes out of datasets/ is left out."""
         out = []
         runs = None
         for folder in sorted(self.datasets.iterdir()):
@@ -496,8 +498,8 @@ class Workspace:
             if real is not None and real.is_dir():
                 files = [
                     f
-                    for f in sorted(real.glob("*.txt"))
-                    if _within(f, self.datasets) and f.is_file()
+                    for f in sorted(real.iterdir())
+                    if f.suffix.lower() in UPLOADS and _within(f, self.datasets) and f.is_file()
                 ]
                 runs = self.list_runs() if runs is None else runs
                 out.append(
@@ -540,16 +542,21 @@ class Workspace:
     def upload(self, dataset: str, filename: str, data: bytes) -> dict[str, Any]:
         name = safe_filename(dataset or "", default="dataset")
         given = Path(filename or "").name.strip() or "text.txt"
-        if not given.lower().endswith(".txt"):
-            raise ConfigError(f"{filename}: only .txt files can be uploaded")
+        suffix = Path(given).suffix.lower()
+        if suffix not in UPLOADS:
+            raise ConfigError(
+                f"{filename}: only .txt files and .jsonl (or .json) examples can be uploaded"
+            )
         # the extension is kept apart: cutting a long name short must not cut it off
-        fname = safe_filename(given[:-4], default="text") + ".txt"
+        fname = safe_filename(given[: -len(suffix)], default="text") + suffix
         try:
-            data.decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ConfigError(
                 f"{fname} is not UTF-8 text (bad byte at offset {e.start}): save it as UTF-8"
             ) from None
+        if suffix != ".txt":  # every example checked now: a bad line is named at once
+            parse_examples(text.removeprefix("\ufeff"), fname)
         folder = _inside(self.datasets / name, self.datasets)
         try:
             folder.mkdir(exist_ok=True)
