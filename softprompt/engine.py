@@ -25,8 +25,9 @@ prompt, the BOS token and the memory in front of the cut are reused.
 The single-token step keeps its cache in place (a preallocated buffer per layer, written
 where the next token goes; no copy of the whole cache per token as ``DynamicCache``'s
 ``torch.cat`` makes) and, on a CPU, attends with two small float32 matmuls over the grouped
-query heads instead of PyTorch's flash-attention kernel, which is ten times slower for one
-query row. Models whose cache is not one plain ``DynamicLayer`` per layer (sliding windows,
+query heads instead of sdpa, which copies the keys for every query head and runs the flash
+kernel for one row (a whole step of the default model at a 1,000-token context, 1 thread:
+118 ms with sdpa, 71 ms). Models whose cache is not one plain ``DynamicLayer`` per layer (sliding windows,
 linear attention, shared KV) run the plain loop: one prefill, the model's own cache, no reuse.
 """
 
