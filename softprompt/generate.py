@@ -1,8 +1,9 @@
 """Continue a prompt with a frozen model, with or without a soft prompt in front of it.
 
 One sampling loop over the KV cache: the soft prompt and the prompt go through the model once
-(the prefill), then every new token costs one single-token forward pass, so a soft prompt costs
-its length once, not at every step. Tokens are sampled with a private ``torch.Generator`` seeded
+(the prefill; only what follows a cache kept from the last call with the same soft prompt,
+see ``softprompt.engine``), then every new token costs one single-token forward pass, so a
+soft prompt costs its length once, not at every step. Tokens are sampled with a private ``torch.Generator`` seeded
 per call: the same seed gives the same sampling noise with and without a soft prompt, and the
 caller's global random state is left alone.
 
