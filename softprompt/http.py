@@ -43,7 +43,7 @@ import urllib.parse
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,8 @@ def one_line(e: BaseException) -> str:
 
 # --------------------------------------------------------------------------- routes
 
-Route = Callable[["Request"], None]
+# a route takes the request of its own app (``Request[Server]``, ``Request[UIServer]``)
+Route = Callable[[Any], None]
 
 
 class Router:
@@ -200,7 +201,10 @@ class App:
         return {"error": err.message}
 
 
-class Request(BaseHTTPRequestHandler):
+AppT = TypeVar("AppT", bound=App)
+
+
+class Request(BaseHTTPRequestHandler, Generic[AppT]):
     """One connection's handler; a route gets it as the request: ``app``, ``command`` (the
     method), ``route`` (the path looked up), ``params``, ``query``, ``headers``, and the
     helpers below. ``streaming`` is set once an event stream's headers are out (an error can
@@ -216,15 +220,17 @@ class Request(BaseHTTPRequestHandler):
     params: dict[str, str] = {}
     query: dict[str, str] = {}
     streaming = False
+    body = b""  # the body, for the routes whose app's ``before`` reads it
+    authorized = False  # whether the app's ``before`` found the request's key good
     _unread = False  # a body came that nobody read: the connection cannot go on
 
     @property
-    def app(self) -> App:
-        return self.server.app
+    def app(self) -> AppT:
+        return cast(AppT, self.server.app)
 
     def setup(self) -> None:
         # every read and write of this connection waits at most this long
-        self.timeout = self.app.idle_timeout
+        self.timeout = self.app.idle_timeout  # type: ignore[misc]  # the base's class default
         super().setup()
 
     def version_string(self) -> str:

@@ -112,16 +112,16 @@ def kobold_event(token: str, finish: str | None) -> str:
 # --------------------------------------------------------------------------- connection info
 
 
-def model(r: Request) -> None:
-    srv: Server = r.app
+def model(r: Request[Server]) -> None:
+    srv = r.app
     send_json(r, 200, {"result": srv.lm.name if r.authorized else PROTECTED_MODEL})
 
 
-def api_version(r: Request) -> None:
+def api_version(r: Request[Server]) -> None:
     send_json(r, 200, {"result": KOBOLD_API_VERSION})
 
 
-def extra_version(r: Request) -> None:
+def extra_version(r: Request[Server]) -> None:
     result = {
         "result": "KoboldCpp",
         "version": KOBOLDCPP_VERSION,
@@ -131,31 +131,31 @@ def extra_version(r: Request) -> None:
     send_json(r, 200, result)
 
 
-def max_context_length(r: Request) -> None:
+def max_context_length(r: Request[Server]) -> None:
     send_json(r, 200, {"value": r.app.context_length})
 
 
-def max_length(r: Request) -> None:
+def max_length(r: Request[Server]) -> None:
     send_json(r, 200, {"value": DEFAULT_MAX_LENGTH})
 
 
-def no_story(r: Request) -> None:  # KoboldCpp without --preloadstory
+def no_story(r: Request[Server]) -> None:  # KoboldCpp without --preloadstory
     send_json(r, 200, {})
 
 
-def no_image_models(r: Request) -> None:  # KoboldCpp without an image model
+def no_image_models(r: Request[Server]) -> None:  # KoboldCpp without an image model
     send_json(r, 200, [])
 
 
 # --------------------------------------------------------------------------- soft prompts
 
 
-def get_soft_prompt(r: Request) -> None:
+def get_soft_prompt(r: Request[Server]) -> None:
     send_json(r, 200, {"value": r.app.selected})
 
 
-def put_soft_prompt(r: Request) -> None:
-    srv: Server = r.app
+def put_soft_prompt(r: Request[Server]) -> None:
+    srv = r.app
     f = Fields(read_json_body(r, srv.max_body_bytes))
     name = f.string("value", None, required=True)
     f.check()
@@ -165,15 +165,15 @@ def put_soft_prompt(r: Request) -> None:
     send_json(r, 200, {})
 
 
-def soft_prompts_list(r: Request) -> None:
+def soft_prompts_list(r: Request[Server]) -> None:
     send_json(r, 200, {"values": [{"value": n} for n in r.app.list_soft_prompts()]})
 
 
 # --------------------------------------------------------------------------- generating
 
 
-def tokencount(r: Request) -> None:
-    srv: Server = r.app
+def tokencount(r: Request[Server]) -> None:
+    srv = r.app
     f = Fields(read_json_body(r, srv.max_body_bytes))
     prompt = f.string("prompt", "", required=True)
     f.check()
@@ -181,7 +181,7 @@ def tokencount(r: Request) -> None:
     send_json(r, 200, {"value": len(ids), "ids": ids})
 
 
-def _genkey_of(r: Request) -> str:
+def _genkey_of(r: Request[Server]) -> str:
     """The ``genkey`` of an optional body (a bad body counts as none; too large one: 413)."""
     try:
         body = read_json_body(r, r.app.max_body_bytes, allow_empty=True)
@@ -189,11 +189,12 @@ def _genkey_of(r: Request) -> str:
         if e.status == 413:
             raise
         body = {}
-    return body.get("genkey") if isinstance(body.get("genkey"), str) else ""
+    genkey = body.get("genkey")
+    return genkey if isinstance(genkey, str) else ""
 
 
-def abort(r: Request) -> None:
-    srv: Server = r.app
+def abort(r: Request[Server]) -> None:
+    srv = r.app
     genkey = _genkey_of(r)
     gen = srv.queue.current
     # Without the key, only the client that knows the running genkey may stop it (the
@@ -204,13 +205,13 @@ def abort(r: Request) -> None:
     send_json(r, 200, {"success": "true" if done else "false", "done": "true"})
 
 
-def check(r: Request) -> None:
+def check(r: Request[Server]) -> None:
     genkey = _genkey_of(r) if r.command == "POST" else ""
     send_json(r, 200, {"results": [{"text": r.app.text_so_far(genkey)}]})
 
 
-def _generate(r: Request, streamed: bool) -> None:
-    srv: Server = r.app
+def _generate(r: Request[Server], streamed: bool) -> None:
+    srv = r.app
     req = parse_kobold(read_json_body(r, srv.max_body_bytes), srv.max_length_limit)
     name, sp = srv.library.for_request(req.soft_prompt, "soft_prompt")
     job = srv.prepare(req, sp)
@@ -233,11 +234,11 @@ def _generate(r: Request, streamed: bool) -> None:
     send_json(r, 200, {"results": results})
 
 
-def generate(r: Request) -> None:
+def generate(r: Request[Server]) -> None:
     _generate(r, streamed=False)
 
 
-def generate_stream(r: Request) -> None:
+def generate_stream(r: Request[Server]) -> None:
     _generate(r, streamed=True)
 
 

@@ -60,8 +60,8 @@ def parse_openai(body: dict, max_length_limit: int | None = None) -> tuple[GenRe
     return req, model
 
 
-def models(r: Request) -> None:
-    srv: Server = r.app
+def models(r: Request[Server]) -> None:
+    srv = r.app
     now = int(time.time())
     names = [srv.lm.name, *srv.list_soft_prompts()]
     data = [{"id": n, "object": "model", "created": now, "owned_by": "softprompt"} for n in names]
@@ -88,8 +88,8 @@ class _Completion:
         return f"data: {json.dumps(self.chunk(text, finish))}\n\n{done}"
 
 
-def completions(r: Request) -> None:
-    srv: Server = r.app
+def completions(r: Request[Server]) -> None:
+    srv = r.app
     body = read_json_body(r, srv.max_body_bytes)
     req, model = parse_openai(body, srv.max_length_limit)
     if req.soft_prompt is None and model and model in srv.list_soft_prompts():

@@ -11,7 +11,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -156,7 +156,7 @@ def collect(pieces: Iterator[str], gen: Generation, job: Job, progress: Progress
 
 def stream(
     request: Request,
-    pieces: Iterator[str],
+    pieces: Generator[str, None, None],
     gen: Generation,
     progress: Progress,
     event: Callable[[str, str | None], str],

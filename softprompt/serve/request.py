@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..http import HTTPError, Request, error, loads, read_body
@@ -215,7 +216,7 @@ def _sampling_value(f: Fields, name: str, key: str, max_length_limit: int | None
 
 
 def parse_sampling(
-    f: Fields, keys: dict[str, tuple[str, ...]], max_length_limit: int | None = None, **defaults
+    f: Fields, keys: Mapping[str, tuple[str, ...]], max_length_limit: int | None = None, **defaults
 ) -> SamplingOptions:
     """The SamplingOptions of a request body (``keys``: SamplingOptions field -> the request
     keys that carry it, the first one found wins), with

@@ -278,7 +278,7 @@ class Server(App):
 
     def before(self, r: Request) -> None:
         """The API key: needed for everything but the preflight and the open routes."""
-        r.authorized = check_bearer(r, self.api_key)  # type: ignore[attr-defined]
+        r.authorized = check_bearer(r, self.api_key)
         method = "GET" if r.command == "HEAD" else r.command
         if r.command == "OPTIONS" or r.authorized or (method, r.route) in OPEN_ROUTES:
             return
@@ -294,8 +294,12 @@ class Server(App):
 
     def bind(self) -> int:
         """Bind the listening socket; the port (the free one picked when port is 0)."""
+        return self._listener().server_address[1]
+
+    def _listener(self) -> Listener:
+        """The listening socket, bound now if it is not yet."""
         if self.httpd is not None:
-            return self.port
+            return self.httpd
         try:
             self.httpd = Listener(self, self.host, self.port)
         except OSError as e:
@@ -308,7 +312,7 @@ class Server(App):
                 f"--host {self.host} --port {self.port} {reason}: choose another with --port"
             ) from None
         self.port = self.httpd.server_address[1]
-        return self.port
+        return self.httpd
 
     @property
     def url(self) -> str:
@@ -319,17 +323,16 @@ class Server(App):
 
     def start(self) -> int:
         """Bind and serve in a background thread; returns the port."""
-        port = self.bind()
+        httpd = self._listener()
         self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="softprompt-serve", daemon=True
+            target=httpd.serve_forever, name="softprompt-serve", daemon=True
         )
         self._thread.start()
-        return port
+        return self.port
 
     def serve_forever(self) -> None:
         """Bind and serve in this thread until ``close`` (or Ctrl-C)."""
-        self.bind()
-        self.httpd.serve_forever()
+        self._listener().serve_forever()
 
     def close(self) -> None:
         """Stop serving: abort the running generation and close the socket."""

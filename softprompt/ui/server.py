@@ -45,11 +45,13 @@ MAX_JSON = 1 << 20  # bytes per JSON request body
 IDLE_TIMEOUT = 60.0  # seconds a connection may wait for the client before it is closed
 HEADER = "X-Softprompt"  # every POST carries it: a cross-site form cannot set it
 
+UIRequest = Request["UIServer"]  # a route's request: its ``app`` is the UIServer
 
-def json_body(r: Request) -> dict:
+
+def json_body(r: UIRequest) -> dict:
     """The POST body (read by ``UIServer.before``) as a JSON object; ConfigError if not."""
     try:
-        data = loads(r.body or b"{}", finite=True)  # type: ignore[attr-defined]
+        data = loads(r.body or b"{}", finite=True)
     except ValueError as e:
         raise ConfigError(f"the request body is not JSON ({e})") from None
     if not isinstance(data, dict):
@@ -57,7 +59,7 @@ def json_body(r: Request) -> dict:
     return data
 
 
-def answer(r: Request, data: Any, status: int = 200) -> None:
+def answer(r: UIRequest, data: Any, status: int = 200) -> None:
     send_json(r, status, data)
 
 
@@ -65,7 +67,7 @@ def answer(r: Request, data: Any, status: int = 200) -> None:
 
 
 def static(name: str):
-    def route(r: Request) -> None:
+    def route(r: UIRequest) -> None:
         ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
         if ctype.startswith("text/") or ctype.endswith("javascript"):
             ctype += "; charset=utf-8"
@@ -75,8 +77,8 @@ def static(name: str):
     return route
 
 
-def info(r: Request) -> None:
-    srv: UIServer = r.app
+def info(r: UIRequest) -> None:
+    srv = r.app
     ws = srv.workspace
     answer(
         r,
@@ -90,48 +92,48 @@ def info(r: Request) -> None:
     )
 
 
-def options(r: Request) -> None:
+def options(r: UIRequest) -> None:
     answer(r, {"options": option_list(), "groups": list(GROUPS)})
 
 
-def datasets(r: Request) -> None:
+def datasets(r: UIRequest) -> None:
     answer(r, {"datasets": r.app.workspace.list_datasets()})
 
 
-def check_dataset(r: Request) -> None:
+def check_dataset(r: UIRequest) -> None:
     q = r.query
     flags = {k: q.get(k, "") in ("1", "true", "on") for k in ("recursive", "skip_bad_files")}
     answer(r, r.app.workspace.check_dataset(q.get("path", ""), **flags))
 
 
-def delete_dataset(r: Request) -> None:
+def delete_dataset(r: UIRequest) -> None:
     answer(r, r.app.workspace.delete_dataset(r.params["name"]))
 
 
-def upload(r: Request) -> None:
+def upload(r: UIRequest) -> None:
     ws, q = r.app.workspace, r.query
     answer(r, ws.upload(q.get("dataset", ""), q.get("filename", ""), r.body))
 
 
-def runs(r: Request) -> None:
+def runs(r: UIRequest) -> None:
     answer(r, {"runs": r.app.workspace.list_runs()})
 
 
-def start_run(r: Request) -> None:
+def start_run(r: UIRequest) -> None:
     body = json_body(r)
     answer(r, r.app.workspace.start(body.get("options", body)), 201)
 
 
-def run_status(r: Request) -> None:
+def run_status(r: UIRequest) -> None:
     since = whole_number(r.query.get("since", "0")) or 0
     answer(r, r.app.workspace.status(r.params["run"], since))
 
 
-def stop_run(r: Request) -> None:
+def stop_run(r: UIRequest) -> None:
     answer(r, r.app.workspace.stop(r.params["run"]))
 
 
-def resume_run(r: Request) -> None:
+def resume_run(r: UIRequest) -> None:
     steps = json_body(r).get("max_steps")
     number = whole_number(str(steps)) if steps not in (None, "") else None
     if steps not in (None, "") and number is None:
@@ -140,12 +142,12 @@ def resume_run(r: Request) -> None:
     answer(r, r.app.workspace.resume(r.params["run"], steps))
 
 
-def delete_run(r: Request) -> None:
+def delete_run(r: UIRequest) -> None:
     answer(r, r.app.workspace.delete_run(r.params["run"]))
 
 
-def try_run(r: Request) -> None:
-    srv: UIServer = r.app
+def try_run(r: UIRequest) -> None:
+    srv = r.app
     body = json_body(r)
     run_id = r.params["run"]
     folder = srv.workspace.run_dir(run_id)
@@ -154,7 +156,7 @@ def try_run(r: Request) -> None:
     answer(r, srv.generator.compare(folder, body))
 
 
-def download(r: Request) -> None:
+def download(r: UIRequest) -> None:
     zp = r.app.workspace.zip_path(r.params["run"])
     quoted = urllib.parse.quote(zp.name)
     ascii_name = zp.name.encode("ascii", "replace").decode().replace('"', "_")
@@ -173,7 +175,7 @@ ICON = (
 )
 
 
-def favicon(r: Request) -> None:
+def favicon(r: UIRequest) -> None:
     send(r, 200, ICON, "image/svg+xml", {"Cache-Control": "max-age=86400"})
 
 
@@ -227,14 +229,14 @@ class UIServer(Listener, App):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        host = f"[{host}]" if ":" in str(host) else host
+        host, port = str(self.server_address[0]), self.server_address[1]
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}/"
 
     def headers(self) -> dict[str, str]:
         return {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
-    def _host_ok(self, r: Request) -> bool:
+    def _host_ok(self, r: UIRequest) -> bool:
         """Only requests addressed to the bound host: a web page that rebinds its own name
         to 127.0.0.1 still sends its own name. (Bound to every address, any host goes.)"""
         if self.allowed_hosts is None:
@@ -242,10 +244,10 @@ class UIServer(Listener, App):
         host = (r.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]").lower()
         return host in self.allowed_hosts
 
-    def before(self, r: Request) -> None:
+    def before(self, r: UIRequest) -> None:
         """The Host, the POST header, and a POST's body, read whole (the connection is kept
         alive, so nothing of it may be left for the next request)."""
-        r.body = b""  # type: ignore[attr-defined]
+        r.body = b""
         if not self._host_ok(r):
             r.close_connection = True
             raise error(403, "unexpected Host header", "forbidden")
@@ -254,7 +256,7 @@ class UIServer(Listener, App):
                 r.close_connection = True  # its body is never read
                 raise error(403, f"POST requests need the header {HEADER}: 1", "forbidden")
             limit = self.max_upload if r.route == "/api/upload" else MAX_JSON
-            r.body = read_body(r, limit, too_large=400)  # type: ignore[attr-defined]
+            r.body = read_body(r, limit, too_large=400)
 
     def client_error(self, e: Exception) -> HTTPError | None:
         if isinstance(e, NoSuchRun):
@@ -265,7 +267,7 @@ class UIServer(Listener, App):
             return error(400, str(e), "bad_input")
         return None
 
-    def error_body(self, r: Request, err: HTTPError) -> Any:
+    def error_body(self, r: UIRequest, err: HTTPError) -> Any:
         return {"error": " ".join(err.message.split())}
 
 

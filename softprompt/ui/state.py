@@ -213,12 +213,12 @@ def run_state(
         # it ended in the middle of a phase without a word: killed, or out of memory
         return _ended(checkpoint, job)
     errors = [line for line in lines if line.startswith(ERROR_PREFIXES)]
-    message = errors[-1].split(": ", 2)[-1] if errors else None
+    said = errors[-1].split(": ", 2)[-1] if errors else None
     if finished:
-        return "finished", message
-    if message and not message.startswith("stopped at step"):
-        return "failed", message
-    return _ended(checkpoint, job, message)
+        return "finished", said
+    if said and not said.startswith("stopped at step"):
+        return "failed", said
+    return _ended(checkpoint, job, said)
 
 
 def _ended(checkpoint: bool, job: dict, message: str | None = None) -> tuple[str, str]:

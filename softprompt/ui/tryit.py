@@ -7,12 +7,15 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import MAX_SEED, SURROGATE, TrainConfig, read_toml
 from ..errors import ConfigError
 from ..http import whole_number
 from ..runfiles import CONFIG_FILE, OUTPUT_DIR, SOFTPROMPT_FILE
+
+if TYPE_CHECKING:
+    from ..model import LoadedModel
 
 # what the page's try-it box sends; the rest of the sampling options keep their defaults
 TRY_KEYS = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
@@ -48,14 +51,14 @@ class Generator:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._key: tuple | None = None
-        self._lm = None
+        self._lm: LoadedModel | None = None
 
-    def model(self, cfg: TrainConfig):
+    def model(self, cfg: TrainConfig) -> LoadedModel:
         """The model a run trained with (its config.toml), loaded once and kept."""
         from ..model import load_model
 
         key = (cfg.model, cfg.device, cfg.dtype, cfg.device_map, cfg.quantize)
-        if self._key != key:
+        if self._key != key or self._lm is None:
             self._lm = None  # free the old one first
             self._lm = load_model(
                 cfg.model, cfg.device, cfg.dtype, device_map=cfg.device_map, quantize=cfg.quantize
@@ -73,7 +76,7 @@ class Generator:
             raise ConfigError("type a prompt first")
         if SURROGATE.search(prompt):  # JSON's "\ud800": no tokenizer takes it
             raise ConfigError("the prompt is not valid Unicode text (it holds a lone surrogate)")
-        given = {key: _try_option(key, request.get(key)) for key in TRY_KEYS}
+        given: dict[str, Any] = {key: _try_option(key, request.get(key)) for key in TRY_KEYS}
         options = SamplingOptions(**{k: v for k, v in given.items() if v is not None}).check()
         out = run_dir / OUTPUT_DIR
         cfg = TrainConfig(**read_toml(out / CONFIG_FILE))

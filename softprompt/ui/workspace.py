@@ -180,6 +180,7 @@ def pid_alive(pid: int | None, marker: str) -> bool:
             return marker in (proc / "cmdline").read_bytes().decode("utf-8", "replace")
         except (OSError, IndexError):
             return False
+    return True  # no /proc to ask (macOS): the process is there
 
 
 def _trained_on(runs: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
@@ -308,7 +309,7 @@ class Workspace:
             folder = self.runs / run_id
             folder.mkdir(parents=True)
         write_text(folder / RUN_CONFIG, to_toml(values))
-        job = {
+        job: dict[str, Any] = {
             "id": run_id,
             "name": name,
             "created": time.time(),
@@ -406,7 +407,7 @@ class Workspace:
         folder = self.run_dir(run_id)
         job = _read_job(folder)
         pid = job.get("pid")
-        if not self._alive(run_id, job):
+        if not pid or not self._alive(run_id, job):
             raise ConfigError("this run is not running")
         job["stop_requested"] = True
         _write_json(folder / JOB_FILE, job)
