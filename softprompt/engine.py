@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .hf_types import Model
 from .soft_prompt import _logits_kwarg, prepend
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def _in_place_layer() -> type:
     return _layer_class()
 
 
-def new_cache(model: torch.nn.Module, capacity: int):
+def new_cache(model: Model, capacity: int):
     """An in-place KV cache for ``model`` with room for ``capacity`` positions (it grows past
     them), or None when the model's cache is not one plain full-attention layer per layer."""
     try:
@@ -225,7 +226,7 @@ def _register_decode_attention() -> bool:
 
 
 @contextlib.contextmanager
-def fast_decode(model: torch.nn.Module) -> Iterator[None]:
+def fast_decode(model: Model) -> Iterator[None]:
     """``decode_attention`` for the model's forward passes inside, when it attends with
     ``sdpa`` (or softprompt's training attention, which is ``sdpa`` without gradients)."""
     from .attention import NAME as TRAINING_ATTENTION
