@@ -1,8 +1,9 @@
 """Continue a prompt with a frozen model, with or without a soft prompt in front of it.
 
 One sampling loop over the KV cache: the soft prompt and the prompt go through the model once
-(the prefill), then every new token costs one single-token forward pass, so a soft prompt costs
-its length once, not at every step. Tokens are sampled with a private ``torch.Generator`` seeded
+(the prefill; only what follows a cache kept from the last call with the same soft prompt,
+see ``softprompt.engine``), then every new token costs one single-token forward pass, so a
+soft prompt costs its length once, not at every step. Tokens are sampled with a private ``torch.Generator`` seeded
 per call: the same seed gives the same sampling noise with and without a soft prompt, and the
 caller's global random state is left alone.
 
@@ -17,8 +18,6 @@ decoding. A ``cancel`` event stops a stream between two tokens.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,10 +25,11 @@ from typing import Protocol
 
 import torch
 
+from .engine import Engine, engine_of
 from .errors import ConfigError
 from .model import LoadedModel
 from .sampling import SamplingOptions, resolve
-from .soft_prompt import SoftPrompt, _logits_kwarg, prepend
+from .soft_prompt import SoftPrompt
 
 log = logging.getLogger(__name__)
 
@@ -94,18 +94,6 @@ def eos_ids(lm: LoadedModel) -> set[int]:
     return ids
 
 
-@functools.lru_cache(maxsize=64)
-def _cache_kwarg(forward_cls: type) -> str:
-    """transformers 5.x calls the KV cache argument `cache`; earlier ones `past_key_values`."""
-    params = inspect.signature(forward_cls.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _cache_of(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
 def stream_ids(
     lm: LoadedModel,
     prompt_ids: Sequence[int],
@@ -115,14 +103,17 @@ def stream_ids(
     stop_at_eos: bool = True,
     ban_eos: bool = False,
     cancel: Cancel | None = None,
+    engine: Engine | None = None,
     **changes,
 ) -> Iterator[int]:
     """New token ids, one at a time, after the soft prompt ``soft`` (n, d) and ``prompt_ids``
     (which must already fit the context), sampled with ``options`` (changed by ``changes``).
     Stops at EOS (not yielded), after max_new_tokens, or between two tokens once ``cancel`` is
-    set; ``ban_eos`` never picks EOS, so it runs to max_new_tokens (KoboldAI's "ban EOS")."""
+    set; ``ban_eos`` never picks EOS, so it runs to max_new_tokens (KoboldAI's "ban EOS").
+    ``engine`` runs the forward passes and keeps the cache for the next call (default: the
+    one kept with ``lm``, see ``softprompt.engine``); it never changes the tokens."""
     opts = resolve(options, **changes)
-    model, device = lm.model, lm.device
+    device = lm.device
     procs = opts.processors(sorted(eos_ids(lm)) if ban_eos else ())
     stops = eos_ids(lm) if stop_at_eos else set()
     gen = torch.Generator(device=device).manual_seed(opts.seed)
@@ -132,36 +123,33 @@ def stream_ids(
     ids[0, :n_prompt] = torch.as_tensor(list(prompt_ids), dtype=torch.long)
     if cancel is not None and cancel.is_set():
         return
-
+    engine = engine if engine is not None else engine_of(lm)
+    run = engine.session(lm, soft, prompt_ids, reserve=max_new_tokens)
     # Grad mode is set per call, never held across a yield (it would leak into the caller).
-    with torch.inference_mode():
-        embeds = prepend(model, soft, ids[:, :n_prompt])  # (1, n + T, d)
-        key, cache_key = _logits_kwarg(type(model)), _cache_kwarg(type(model))
-        out = model(inputs_embeds=embeds, use_cache=True, **({key: 1} if key else {}))
-        past, scores = _cache_of(out), out.logits[:, -1].float()  # (1, V)
-        del out, embeds
-    for i in range(max_new_tokens):
-        with torch.inference_mode():
-            for proc in procs:
-                scores = proc(ids[:, : n_prompt + i], scores)
-            if opts.greedy:
-                token = scores.argmax(dim=-1, keepdim=True)  # (1, 1)
-            else:
-                probs = torch.softmax(scores, dim=-1)
-                token = torch.multinomial(probs, 1, generator=gen)  # (1, 1)
-            ids[:, n_prompt + i] = token[:, 0]
+    try:
+        scores = run.prefill()  # (1, V)
+        for i in range(max_new_tokens):
+            with torch.inference_mode():
+                for proc in procs:
+                    scores = proc(ids[:, : n_prompt + i], scores)
+                if opts.greedy:
+                    token = scores.argmax(dim=-1, keepdim=True)  # (1, 1)
+                else:
+                    probs = torch.softmax(scores, dim=-1)
+                    token = torch.multinomial(probs, 1, generator=gen)  # (1, 1)
+                ids[:, n_prompt + i] = token[:, 0]
             if i + 1 < max_new_tokens:
                 # Queue the next step before reading the token back, so a GPU is never idle
                 # waiting for the host; at EOS this one step is wasted.
-                out = model(input_ids=token, use_cache=True, **{cache_key: past})
-                past, scores = _cache_of(out), out.logits[:, -1].float()
-                del out
-        value = int(token.item())
-        if value in stops:
-            return
-        yield value
-        if cancel is not None and cancel.is_set():
-            return
+                scores = run.step(token)
+            value = int(token.item())
+            if value in stops:
+                return
+            yield value
+            if cancel is not None and cancel.is_set():
+                return
+    finally:
+        run.close()  # keeps the prefill's cache for the next request, frees the rest
 
 
 class Detokenizer:

@@ -253,6 +253,27 @@ def test_stop_sequence_memory_and_context(fresh):
     assert ans.status == 422 and "max_length" in ans.json()["detail"]
 
 
+def test_a_resent_story_runs_only_its_tail(fresh):
+    """A client resending its story with the last reply and more text: the server runs only
+    what follows its kept cache and answers what a cold start answers; another soft prompt
+    starts cold."""
+    from softprompt.engine import engine_of
+
+    engine = engine_of(fresh.lm)
+    story = PROMPT
+    while len(fresh.encode(story)) < 150:  # past the first 128-position piece, within 256
+        story += ". " + PROMPT
+    body = {"prompt": story, "max_length": 8, "temperature": 0, "soft_prompt": "alpha.zip"}
+    first = kobold(fresh, body)["text"]
+    body["prompt"] = story + first + " And then"
+    second = kobold(fresh, body)["text"]
+    assert engine.stats.reused >= 128 and engine.stats.computed < 128
+    engine.clear()
+    assert kobold(fresh, body)["text"] == second and engine.stats.reused == 0
+    kobold(fresh, {**body, "soft_prompt": "beta.safetensors"})
+    assert engine.stats.reused == 0 and len(engine.kept) == 2
+
+
 def test_tokencount(fresh):
     ids = fresh.lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     ans = call(fresh, "POST", "/api/extra/tokencount", {"prompt": PROMPT})
