@@ -39,6 +39,7 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -55,7 +56,7 @@ FAST_ATTENTION = "softprompt_decode"
 
 
 @functools.lru_cache(maxsize=64)
-def cache_kwarg(forward_cls: type) -> str:
+def cache_kwarg(forward_cls: Any) -> str:
     """transformers 5.x calls the KV cache argument `cache`; earlier ones `past_key_values`."""
     import inspect
 
@@ -233,7 +234,11 @@ def fast_decode(model: Model) -> Iterator[None]:
 
     config = getattr(model, "config", None)
     original = getattr(config, "_attn_implementation", None)
-    if original not in ("sdpa", TRAINING_ATTENTION) or not _register_decode_attention():
+    if (
+        config is None
+        or original not in ("sdpa", TRAINING_ATTENTION)
+        or not _register_decode_attention()
+    ):
         yield
         return
     config._attn_implementation = FAST_ATTENTION
@@ -366,12 +371,12 @@ class Session:
         self.engine, self.model = engine, lm.model
         self.soft, self.ids = soft, list(ids)
         self.total = soft.shape[0] + len(self.ids)
-        self.cache = None
+        self.cache: Any = None  # the model's KV cache (transformers' Cache)
         self.canonical = 0  # leading positions that hold whole grid chunks
         self.fast = engine.fast
         self.reserve = reserve
-        self._key = _logits_kwarg(type(self.model))
-        self._cache_key = cache_kwarg(type(self.model))
+        self._key = _logits_kwarg(self.model.__class__)
+        self._cache_key = cache_kwarg(self.model.__class__)
 
     def _run(self, **inputs) -> torch.Tensor:
         extra = {self._key: 1} if self._key else {}

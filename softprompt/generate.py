@@ -19,7 +19,7 @@ decoding. A ``cancel`` event stops a stream between two tokens.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -105,7 +105,7 @@ def stream_ids(
     cancel: Cancel | None = None,
     engine: Engine | None = None,
     **changes,
-) -> Iterator[int]:
+) -> Generator[int, None, None]:
     """New token ids, one at a time, after the soft prompt ``soft`` (n, d) and ``prompt_ids``
     (which must already fit the context), sampled with ``options`` (changed by ``changes``).
     Stops at EOS (not yielded), after max_new_tokens, or between two tokens once ``cancel`` is

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .data import Rows
+from .hf_types import Model
 from .soft_prompt import (
     PromptedModel,
     block_inputs,
@@ -33,7 +34,7 @@ def perplexity(loss: float | None) -> float | None:
 
 
 def block_loss(
-    model: torch.nn.Module,
+    model: Model,
     soft: torch.Tensor,
     block: torch.Tensor,
     reduction: str = "mean",
@@ -85,7 +86,7 @@ def label_rows(mask: torch.Tensor, keep: int) -> torch.Tensor:
     return mask[:, mask.shape[1] - keep :].reshape(-1).nonzero().squeeze(1)
 
 
-def fused_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+def fused_head(model: Model) -> torch.nn.Linear | None:
     """The model's LM head when ``head_cross_entropy`` may stand in for the model's own
     logits: a plain ``nn.Linear`` with ordinary weights (not quantized, not sharded, not
     spread over devices by a device map), and logits that are exactly that head applied to
@@ -109,7 +110,7 @@ def fused_head(model: torch.nn.Module) -> torch.nn.Linear | None:
 
 
 @torch.no_grad()
-def _head_gives_logits(model: torch.nn.Module, head: torch.nn.Linear) -> bool:
+def _head_gives_logits(model: Model, head: torch.nn.Linear) -> bool:
     device = head.weight.device
     ids = torch.arange(1, 9, device=device).remainder(head.weight.shape[0])[None]
     try:
@@ -186,7 +187,7 @@ def _head_losses(hidden, weight, bias, labels, grad: torch.Tensor | None) -> tor
 
 def _logits_losses(logits, labels, grad: torch.Tensor | None) -> torch.Tensor:
     """The work of ``cross_entropy``; with ``grad``, each row's gradient is written there."""
-    buffers = _ChunkBuffers(*logits.shape, logits.device)
+    buffers = _ChunkBuffers(logits.shape[0], logits.shape[1], logits.device)
     for i, m in buffers.chunks():
         z = logits[i : i + m] if grad is None else grad[i : i + m].copy_(logits[i : i + m])
         buffers.losses[i : i + m] = buffers.rows_losses(z, labels[i : i + m], grad is not None)
@@ -198,7 +199,7 @@ class _ChunkBuffers:
     from chunk to chunk: fresh memory for every chunk costs more in page faults than the
     arithmetic (SmolLM2, CPU, 1,024 rows: 130 ms with fresh tensors, 30 ms reused)."""
 
-    def __init__(self, n: int, vocab: int, device) -> None:
+    def __init__(self, n: int, vocab: int, device: torch.device) -> None:
         self.n, self.chunk = n, min(CE_CHUNK, n)
         self.logp = torch.empty(self.chunk, vocab, dtype=torch.float32, device=device)
         self.rows = torch.arange(self.chunk, device=device)
@@ -224,7 +225,7 @@ class _ChunkBuffers:
 
 @torch.no_grad()
 def loss_sums(
-    model: torch.nn.Module,
+    model: Model,
     soft: torch.Tensor,
     blocks: np.ndarray | torch.Tensor | Rows,
     batch_size: int,
