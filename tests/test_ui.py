@@ -1079,9 +1079,10 @@ def test_right_after_resume_the_step_has_its_total_and_an_eta(page, server):
 def test_generate_stays_off_while_it_generates(page, server, monkeypatch):
     """The status poll (every 3 s for a finished run) used to turn the button back on."""
     finished_run(server.workspace, "done")
+    release = threading.Event()
 
     def slow(folder, body):
-        time.sleep(4.5)
+        release.wait(60)  # until the test has watched the button past two polls
         return {
             "prompt": body["prompt"],
             "with": " A",
@@ -1099,6 +1100,7 @@ def test_generate_stays_off_while_it_generates(page, server, monkeypatch):
     for _ in range(7):  # past two polls
         page.wait_for_timeout(500)
         assert page.is_disabled("#generate")
+    release.set()
     page.wait_for_selector("#out-with .continuation")
     assert page.is_enabled("#generate") and page.text_content("#out-without .continuation") == " B"
 
