@@ -26,6 +26,8 @@ OPTIMIZERS = ("adamw", "adafactor")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 DEFAULT_TOKENS = 20
+DEFAULT_DISTILL_WEIGHT = 1.0  # measured: see README, "Distilling a written prompt"
+DEFAULT_TEACHER_SAMPLES = 64
 CPU_AUTO_BATCH = 4  # --batch-size auto on CPUs: see bench/batch_size.py
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes no more; numpy's generator no negative seed
 PATHS = ("dataset", "output", "model", "init_from", "cache_dir")  # options that name a path
@@ -133,6 +135,39 @@ class TrainConfig:
         group="soft prompt",
         metavar="FILE",
     )
+    # distillation
+    teacher_prompt: str | None = _opt(
+        None,
+        "a written prompt (text, or a UTF-8 file) to distil into the soft prompt: the loss "
+        "becomes the KL divergence to the model's predictions with this prompt in front "
+        "([BOS][written prompt][text]); without --dataset the text is sampled from the model "
+        "continuing it",
+        group="distillation",
+        metavar="TEXT_OR_FILE",
+    )
+    distill_weight: float = _opt(
+        DEFAULT_DISTILL_WEIGHT,
+        "with --teacher-prompt: the KL's share of the loss, the rest is cross-entropy on the "
+        "text (1: KL alone)",
+        group="distillation",
+        metavar="W",
+    )
+    teacher_samples: int = _opt(
+        DEFAULT_TEACHER_SAMPLES,
+        "with --teacher-prompt and no --dataset: continuations of the written prompt to "
+        "sample, one block each (made once, then read from the cache)",
+        group="distillation",
+        metavar="N",
+    )
+    teacher_temperature: float = _opt(
+        1.0, "temperature of those continuations", group="distillation", metavar="T"
+    )
+    teacher_top_p: float = _opt(
+        1.0,
+        "nucleus sampling mass of those continuations, 1 = off",
+        group="distillation",
+        metavar="P",
+    )
     # optimisation
     max_steps: int | None = _opt(None, "optimizer steps to run (overrides --epochs)", metavar="N")
     epochs: float = _opt(1.0, "passes over the training blocks (fractional allowed)", metavar="X")
@@ -199,9 +234,11 @@ class TrainConfig:
                 problems.append(msg)
 
         if self.init is None:
-            self.init = "text" if self.init_text else "vocab"
+            self.init = "text" if self.init_text or self.teacher_prompt else "vocab"
         need(
-            self.dataset is not None, "--dataset is required: give a .txt file or a folder of them"
+            self.dataset is not None or self.teacher_prompt is not None,
+            "--dataset is required: give a .txt file or a folder of them (or --teacher-prompt "
+            "to distil a written prompt on text sampled from it)",
         )
         need(self.output is not None, "--output is required: give a folder for the results")
         for f in dataclasses.fields(self):
@@ -245,8 +282,12 @@ class TrainConfig:
         need(self.eval_every is None or self.eval_every >= 0, "--eval-every must be 0 or more")
         need(self.save_every >= 0, "--save-every must be 0 or more")
         if self.init == "text":
-            need(bool(self.init_text), "--init text needs --init-text TEXT_OR_FILE")
+            need(
+                bool(self.init_text or self.teacher_prompt),
+                "--init text needs --init-text TEXT_OR_FILE",
+            )
         problems += self._text_problems() + self._combination_problems()
+        problems += self._distil_problems()
         if problems:
             raise ConfigError("; ".join(problems))
         return self
@@ -283,6 +324,30 @@ class TrainConfig:
             (
                 not (self.shard_model and self.quantize),
                 "--shard-model cannot shard a bitsandbytes-quantized model: use one of them",
+            ),
+        ]
+        return [msg for ok, msg in checks if not ok]
+
+    def _distil_problems(self) -> list[str]:
+        checks = [
+            (
+                math.isfinite(self.distill_weight) and 0.0 <= self.distill_weight <= 1.0,
+                "--distill-weight must be in [0, 1], e.g. 1 (KL alone) or 0.5",
+            ),
+            (
+                self.teacher_prompt is None or bool(self.teacher_prompt.strip()),
+                "--teacher-prompt is empty: give the written prompt's text or a file holding it",
+            ),
+            (self.teacher_samples >= 1, "--teacher-samples must be at least 1"),
+            (
+                math.isfinite(self.teacher_temperature) and self.teacher_temperature > 0,
+                "--teacher-temperature must be more than 0, e.g. 1",
+            ),
+            (0.0 < self.teacher_top_p <= 1.0, "--teacher-top-p must be in (0, 1], e.g. 1"),
+            (
+                not (self.teacher_prompt and self.shard_model),
+                "--teacher-prompt does not work with --shard-model yet: train without "
+                "--shard-model (data-parallel torchrun works)",
             ),
         ]
         return [msg for ok, msg in checks if not ok]

@@ -47,24 +47,36 @@ from .data import (
     token_stream,
     tokenize_dataset,
 )
+from .distil import (
+    Teacher,
+    fit_block_size,
+    prefix_hash,
+    read_written_prompt,
+    sample_key,
+    teacher_blocks,
+    written_prompt_ids,
+)
 from .errors import ConfigError, RunError, SoftPromptError
 from .fileio import format_bytes, write_text
 from .formats import load_any
-from .loss import block_loss, fused_head, loss_sums, perplexity
+from .loss import fused_head, perplexity
 from .model import LoadedModel, load_model, pick_device, pick_dtype
-from .outputs import Metrics, soft_prompt_files, soft_prompt_meta, write_soft_prompt
+from .objective import CrossEntropy, Distillation, Objective
+from .outputs import Metrics, init_text, soft_prompt_files, soft_prompt_meta, write_soft_prompt
 from .plan import (
     Plan,
     block_size_for,
     check_blocks,
     decide_checkpointing,
     decide_compile,
+    decide_teacher_store,
     estimate_seconds,
     make_plan,
     resolved_config,
     small_dataset_note,
 )
 from .runfiles import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, SOFTPROMPT_FILE, StatusFile
+from .sampling import SamplingOptions
 from .soft_prompt import SoftPrompt, init_tensor, resolve_tokens
 from .speed import (
     activation_bytes,
@@ -159,6 +171,7 @@ def _run(
         run = setup(cfg, model, ranks, device, status)
         resolved = prepare(run)
         _open_output(run, resolved)
+        run.objective.prepare(run.batches.blocks.numpy(), run.plan.batch_size)
         if run.checkpoint is None:
             val_before = val_latest = run.validate()
         else:  # a resumed run: the first and the latest validation of its earlier segments
@@ -216,6 +229,7 @@ class Run:
     identity: dict[str, Any]  # what a checkpoint of this run belongs to
     checkpoint: dict | None  # the one resumed from
     status: StatusFile
+    objective: Objective = field(default_factory=CrossEntropy)  # what the loop minimises
     metrics: Metrics = field(default_factory=lambda: Metrics(None, None))
     checkpointing: bool = False
     compiled: bool = False
@@ -237,7 +251,7 @@ class Run:
             n_batches = math.ceil(
                 math.ceil(len(self.val_blocks) / self.ranks.world) / self.plan.batch_size
             )
-        sums = loss_sums(
+        sums = self.objective.sums(
             self.net,
             self.state.soft.detach(),
             share,
@@ -247,10 +261,14 @@ class Run:
             n_batches=n_batches,
             filler=self.val_blocks[:1],
         )
-        total, count = distributed.sum_across(self.ranks, list(sums), self.lm.device)
-        loss = total / max(count, 1)
+        values = distributed.sum_across(self.ranks, list(sums.values()), self.lm.device)
+        summed = dict(zip(sums, values, strict=True))
+        count = max(summed.pop("tokens"), 1)
+        loss = summed.pop("loss") / count
         step = self.state.step
-        self.metrics.write({"step": step, "val_loss": loss, "val_ppl": perplexity(loss)})
+        record = {"step": step, "val_loss": loss, "val_ppl": perplexity(loss)}
+        # the objective's parts (distillation: val_kl, val_ce), per token
+        self.metrics.write({**record, **{f"val_{k}": v / count for k, v in summed.items()}})
         self.status.update(val_loss=loss)
         if not self.cfg.progress:  # without a bar, a line per validation shows the run is alive
             log.info("step %d/%d: validation loss %.4f", step, self.plan.total_steps, loss)
@@ -274,16 +292,9 @@ def setup(
     out = Path(cfg.output).expanduser()
     # only rank 0 reads the output folder (on several nodes it is rank 0's)
     checkpoint = distributed.broadcast(ranks, check_output(out, cfg) if ranks.main else None)
-    texts = read_dataset(cfg.dataset, cfg.recursive, cfg.skip_bad_files)  # fails in a second
+    # the dataset's files are read first: a problem there fails in a second
+    texts = read_dataset(cfg.dataset, cfg.recursive, cfg.skip_bad_files) if cfg.dataset else None
     lm = _load_model(cfg, model, ranks, device)
-    check_resumable(
-        checkpoint,
-        cfg,
-        out,
-        dataset_hash=texts.content_hash,
-        model_source=lm.source,
-        bos_ids=lm.bos_ids,
-    )
     init_sp = load_init_from(cfg.init_from, lm) if checkpoint is None and cfg.init_from else None
     n_tokens = resolve_tokens(cfg, lm.tokenizer, checkpoint, init_sp)
     # every sequence is [soft prompt][BOS, when the tokenizer puts one first][block], as
@@ -291,14 +302,20 @@ def setup(
     n_bos = len(lm.bos_ids)
     lead = torch.tensor(lm.bos_ids, dtype=torch.long, device=lm.device) if n_bos else None
     block_size = block_size_for(cfg, lm.context_length, n_tokens, n_bos, lm.device.type)
+    teacher, block_size = _teacher(cfg, lm, block_size)
+    check_resumable(
+        checkpoint,
+        cfg,
+        out,
+        dataset_hash=texts.content_hash if texts else _sampled_hash(cfg, lm, teacher, block_size),
+        model_source=lm.source,
+        bos_ids=lm.bos_ids,
+        teacher=prefix_hash(teacher.prefix.tolist()) if teacher else None,
+    )
     if ranks.main:
         check_free_space(out, n_tokens, lm.embed_dim)
-    with distributed.main_first(ranks):  # rank 0 writes the token cache, the others read it
-        corpus = tokenize_dataset(texts, lm.tokenizer, cfg.cache_dir)
-    stream = token_stream(corpus, lm.eos_token_id, cfg.seed)
-    blocks = make_blocks(stream, block_size)
-    check_blocks(cfg, len(stream), block_size, len(blocks))
-    train_blocks, val_blocks = split_blocks(blocks, cfg.val_fraction, cfg.val_max_blocks)
+    data = _blocks(cfg, lm, ranks, texts, teacher, block_size)
+    train_blocks, val_blocks = split_blocks(data.blocks, cfg.val_fraction, cfg.val_max_blocks)
     wanted = cfg.batch_size
     if wanted == "auto":
         wanted = auto_batch_size(
@@ -317,12 +334,13 @@ def setup(
         checkpoint=checkpoint,
         mtj_step=mtj_step,
     )
-    _log_setup(corpus, len(stream), len(blocks), plan, lm, int(wanted), checkpoint)
+    _log_setup(data, plan, lm, int(wanted), checkpoint)
     state = _initial_state(cfg, lm, plan, ranks, checkpoint, init_sp)
     identity = {
-        "dataset_hash": corpus.content_hash,
+        "dataset_hash": data.content_hash,
         "model": lm.source,
         "bos_ids": lm.bos_ids,
+        "teacher": prefix_hash(teacher.prefix.tolist()) if teacher else None,
         "total_steps": plan.total_steps,
         "world_size": ranks.world,
         "samples_per_step": plan.samples_per_step,
@@ -341,7 +359,107 @@ def setup(
         identity=identity,
         checkpoint=checkpoint,
         status=status,
+        objective=_objective(teacher, cfg, plan, lm),
     )
+
+
+@dataclass
+class Data:
+    """The blocks a run trains and validates on, with what identifies them and a line that
+    says where they came from."""
+
+    blocks: np.ndarray  # (n, block_size)
+    content_hash: str
+    summary: str
+    n_stream: int = 0  # tokens of the dataset's text (0: sampled)
+    files: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+def _blocks(
+    cfg: TrainConfig,
+    lm: LoadedModel,
+    ranks: distributed.Ranks,
+    texts,
+    teacher: Teacher | None,
+    block_size: int,
+) -> Data:
+    """The dataset's text cut into blocks; without a dataset, continuations of the written
+    prompt sampled from the teacher (made once, then read from the cache)."""
+    if texts is None:
+        assert teacher is not None  # config.validate: no --dataset needs --teacher-prompt
+        opts = teacher_sampling(cfg)
+        with distributed.main_first(ranks):  # rank 0 samples and caches, the others read it
+            blocks, key, cached = teacher_blocks(
+                lm, teacher, cfg.teacher_samples, block_size, opts, cfg.cache_dir
+            )
+        summary = (
+            f"text sampled from the model continuing the written prompt: {len(blocks)} "
+            f"continuations of {block_size} tokens at temperature {opts.temperature:g}, top-p "
+            f"{opts.top_p:g}, seed {opts.seed}{' (from the cache)' if cached else ''}"
+        )
+        return Data(blocks, key, summary)
+    with distributed.main_first(ranks):  # rank 0 writes the token cache, the others read it
+        corpus = tokenize_dataset(texts, lm.tokenizer, cfg.cache_dir)
+    stream = token_stream(corpus, lm.eos_token_id, cfg.seed)
+    blocks = make_blocks(stream, block_size)
+    check_blocks(cfg, len(stream), block_size, len(blocks))
+    n = len(corpus.files)
+    summary = (
+        f"dataset: {n} file{'' if n == 1 else 's'}, {corpus.chars:,} characters, "
+        f"{corpus.n_tokens:,} tokens{' (token cache)' if corpus.cached else ''}"
+    )
+    return Data(blocks, corpus.content_hash, summary, len(stream), n, corpus.skipped)
+
+
+def _teacher(cfg: TrainConfig, lm: LoadedModel, block_size: int) -> tuple[Teacher | None, int]:
+    """With --teacher-prompt: the teacher (the model with the written prompt in front) and
+    the block size that leaves room for the prompt in the context; else (None, block_size)."""
+    if not cfg.teacher_prompt:
+        return None, block_size
+    prefix = written_prompt_ids(lm, read_written_prompt(cfg.teacher_prompt))
+    size = fit_block_size(block_size, cfg.block_size is not None, len(prefix), lm.context_length)
+    return Teacher(lm.model, prefix, lm.device), size
+
+
+def teacher_sampling(cfg: TrainConfig) -> SamplingOptions:
+    """How the teacher's continuations are sampled (no repetition penalty: the model's own
+    distribution, reshaped only by the temperature and top-p given)."""
+    return SamplingOptions(
+        temperature=cfg.teacher_temperature,
+        top_p=cfg.teacher_top_p,
+        repetition_penalty=1.0,
+        seed=cfg.seed,
+    )
+
+
+def _sampled_hash(cfg: TrainConfig, lm: LoadedModel, teacher, block_size: int) -> str:
+    return sample_key(
+        lm, teacher.prefix.tolist(), cfg.teacher_samples, block_size, teacher_sampling(cfg)
+    )
+
+
+def _objective(teacher: Teacher | None, cfg: TrainConfig, plan: Plan, lm: LoadedModel):
+    """Cross-entropy, or distillation with --teacher-prompt; the teacher's states for the
+    training blocks are stored when blocks come round more than once and they fit."""
+    if teacher is None:
+        return CrossEntropy()
+    passes = (plan.total_steps - plan.start_step) * plan.samples_per_step / plan.n_train
+    need = plan.n_train * teacher.block_bytes(plan.block_size)
+    store = decide_teacher_store(need, passes, free_memory(lm.device))
+    log.info(
+        "distilling a %d-token written prompt ([BOS] + prompt: %d tokens, its KV cache "
+        "computed once), weight %g on the KL; the teacher's predictions for the %d training "
+        "blocks %s",
+        teacher.n_prefix - len(lm.bos_ids),
+        teacher.n_prefix,
+        cfg.distill_weight,
+        plan.n_train,
+        f"computed once and kept ({format_bytes(need)}), as each is seen {passes:.1f} times"
+        if store
+        else f"computed at each step (each block is seen {passes:.1f} times)",
+    )
+    return Distillation(teacher, cfg.distill_weight, store)
 
 
 def _load_model(
@@ -390,7 +508,12 @@ def _initial_state(
         soft_init = init_sp.tensor
     else:
         soft_init = init_tensor(
-            lm.model, lm.tokenizer, cfg.init, plan.n_tokens, cfg.init_text, cfg.seed
+            lm.model,
+            lm.tokenizer,
+            cfg.init,
+            plan.n_tokens,
+            init_text(cfg) if cfg.init == "text" else None,
+            cfg.seed,
         )
     soft_init = distributed.broadcast(ranks, soft_init.float().cpu())
     # a checkpoint brings its own schedule position; an mtj-softtuner run starts at its step
@@ -410,9 +533,7 @@ def _initial_state(
     return state
 
 
-def _log_setup(
-    corpus, n_stream: int, n_blocks: int, plan: Plan, lm: LoadedModel, wanted: int, checkpoint
-) -> None:
+def _log_setup(data: Data, plan: Plan, lm: LoadedModel, wanted: int, checkpoint) -> None:
     if checkpoint is not None and int(checkpoint.get("world_size", 1)) != plan.world:
         log.info(
             "resuming a %d-rank run on %d rank%s: per-rank batch %d, accumulation %d, global "
@@ -427,20 +548,16 @@ def _log_setup(
     elif plan.batch_size < wanted:
         log.info("note: --batch-size lowered to %d, the number of training blocks", plan.batch_size)
     log.info(
-        "dataset: %d file%s, %s characters, %s tokens%s -> %d blocks of %d (%d train, %d validation)",
-        len(corpus.files),
-        "" if len(corpus.files) == 1 else "s",
-        f"{corpus.chars:,}",
-        f"{corpus.n_tokens:,}",
-        " (token cache)" if corpus.cached else "",
-        n_blocks,
+        "%s -> %d blocks of %d (%d train, %d validation)",
+        data.summary,
+        len(data.blocks),
         plan.block_size,
         plan.n_train,
         plan.n_val,
     )
-    if corpus.skipped:
-        log.info("skipped: %s", ", ".join(corpus.skipped))
-    if (note := small_dataset_note(n_stream)) is not None:
+    if data.skipped:
+        log.info("skipped: %s", ", ".join(data.skipped))
+    if data.files and (note := small_dataset_note(data.n_stream)) is not None:
         log.warning("%s", note)
     log.info(
         "model: %s on %s (%s), context %d, embedding width %d",
@@ -474,6 +591,8 @@ def prepare(run: Run) -> TrainConfig:
     batch = run.batches.batch(run.state.samples + run.mine)
     fused_head(lm.model)  # its one-off check of the model runs before any layer is compiled
     want_compile, step_seconds = cfg.compile, None
+    if want_compile is None and cfg.teacher_prompt:
+        want_compile = False  # the teacher's calls on its KV cache would recompile the layers
     if want_compile is None:  # unset: compile when the run is long enough to repay it
         step_seconds = _timed_check_step(run, batch)
         plain = step_seconds * (plan.total_steps - plan.start_step)
@@ -513,7 +632,7 @@ def prepare(run: Run) -> TrainConfig:
 
 def _check_step(run: Run, batch: torch.Tensor) -> None:
     with activation_checkpointing(run.net, run.checkpointing):  # as in training: same memory
-        loss = block_loss(run.net, run.state.soft, batch, lead=run.lead)
+        loss = run.objective(run.net, run.state.soft, batch, lead=run.lead)
         if not math.isfinite(loss.item()):
             lm = run.lm
             raise RunError(
@@ -590,7 +709,7 @@ def fit(run: Run, val_loss: float | None) -> float:
             loss = 0.0
             for _ in range(plan.grad_accum):
                 batch = run.batches.batch(state.samples + run.mine)
-                part = block_loss(run.net, state.soft, batch, lead=run.lead) / plan.grad_accum
+                part = run.objective(run.net, state.soft, batch, lead=run.lead) / plan.grad_accum
                 part.backward()
                 loss += part.item()
                 state.samples += plan.batch_size * plan.world
