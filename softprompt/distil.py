@@ -308,7 +308,19 @@ def distil_loss(
 # ----------------------------------------------------------------------------- text from the teacher
 
 
-SAMPLE_BATCH = 8  # continuations sampled side by side (a fixed number: the same samples every run)
+SAMPLE_BATCH = 16  # continuations sampled side by side (fixed: the same samples every run)
+SAMPLED_BLOCK = 128  # default tokens per sampled continuation: the prompt's pull is strongest
+# near it, and a short block samples and trains fast
+
+
+def sampling_options(temperature: float, top_p: float, seed: int):
+    """How the teacher's continuations are sampled: the temperature and top-p given, nothing
+    else (no repetition penalty: the model's own distribution)."""
+    from .sampling import SamplingOptions
+
+    return SamplingOptions(
+        temperature=temperature, top_p=top_p, repetition_penalty=1.0, seed=seed
+    ).check()
 
 
 def sample_key(lm: LoadedModel, prefix_ids: list[int], n: int, block_size: int, opts) -> str:

@@ -48,11 +48,13 @@ from .data import (
     tokenize_dataset,
 )
 from .distil import (
+    SAMPLED_BLOCK,
     Teacher,
     fit_block_size,
     prefix_hash,
     read_written_prompt,
     sample_key,
+    sampling_options,
     teacher_blocks,
     written_prompt_ids,
 )
@@ -418,19 +420,15 @@ def _teacher(cfg: TrainConfig, lm: LoadedModel, block_size: int) -> tuple[Teache
     if not cfg.teacher_prompt:
         return None, block_size
     prefix = written_prompt_ids(lm, read_written_prompt(cfg.teacher_prompt))
+    if cfg.dataset is None and cfg.block_size is None:
+        block_size = min(block_size, SAMPLED_BLOCK)
     size = fit_block_size(block_size, cfg.block_size is not None, len(prefix), lm.context_length)
     return Teacher(lm.model, prefix, lm.device), size
 
 
 def teacher_sampling(cfg: TrainConfig) -> SamplingOptions:
-    """How the teacher's continuations are sampled (no repetition penalty: the model's own
-    distribution, reshaped only by the temperature and top-p given)."""
-    return SamplingOptions(
-        temperature=cfg.teacher_temperature,
-        top_p=cfg.teacher_top_p,
-        repetition_penalty=1.0,
-        seed=cfg.seed,
-    )
+    """How the teacher's continuations are sampled (``distil.sampling_options``)."""
+    return sampling_options(cfg.teacher_temperature, cfg.teacher_top_p, cfg.seed)
 
 
 def _sampled_hash(cfg: TrainConfig, lm: LoadedModel, teacher, block_size: int) -> str:

@@ -233,3 +233,45 @@ def test_distils_on_a_dataset_with_cross_entropy_mixed_in(models, corpus, tmp_pa
     rec = [r for r in result.metrics if "val_kl" in r][-1]
     assert rec["val_loss"] == pytest.approx(0.5 * rec["val_kl"] + 0.5 * rec["val_ce"])
     assert json.loads(json.dumps(result.soft_prompt.meta))["distil"]["distill_weight"] == 0.5
+
+
+def test_eval_report_and_compare_show_the_written_prompt(models, tiny_models, tmp_path, capsys):
+    from softprompt.evaluate import evaluate
+
+    lm = models["llama"]
+    result = _distil(lm, tmp_path, "e", max_steps=4, val_fraction=0.2, report=True)
+    ev = evaluate(lm, result.soft_prompt, None)  # the held-out part of the sampled text
+    assert [v.key for v in ev.variants] == ["soft_prompt", "written", "written_cut", "none"]
+    assert ev.n_blocks == 2 and ev.block_size == 24
+    assert abs(ev["written"].kl) < 1e-4 and ev["none"].kl > 1e-4
+    assert ev["written_cut"].prefix_tokens == 4 and ev.gap_closed is not None
+    report = (tmp_path / "e" / "report.md").read_text(encoding="utf-8")
+    assert "## Against the written prompt" in report and "written prompt cut to 4 tokens" in report
+    file = result.files["safetensors"]
+    code, out, _ = run_cli(capsys, "eval", "--model", tiny_models["llama"], "--softprompt", file)
+    assert code == 0, out
+    assert "KL to the written prompt" in out and "of the KL gap" in out
+    code, out, err = run_cli(
+        capsys, "generate", "--model", tiny_models["llama"], "--softprompt", file, "--compare",
+        "--max-new-tokens", "4", "--temperature", "0", "Mrs. Bennet",
+    )  # fmt: skip
+    assert code == 0, err
+    titles = [line for line in out.splitlines() if line.startswith("--- ")]
+    assert titles == [
+        "--- with the soft prompt (distilled)",
+        "--- with the written prompt in front",
+        "--- without",
+    ]
+    assert err.count("tokens in") == 3
+
+
+def test_eval_without_a_dataset_needs_a_distilled_soft_prompt(
+    tiny_llama, tiny_models, corpus, tmp_path, capsys
+):
+    result = train(
+        dataset=str(corpus), output=str(tmp_path / "o"), model=tiny_llama, max_steps=1, **FAST
+    )
+    code, _, err = run_cli(
+        capsys, "eval", "--model", tiny_models["llama"], "--softprompt", result.files["kobold"]
+    )
+    assert_one_line_error(code, err, "eval needs --dataset")
