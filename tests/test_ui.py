@@ -14,6 +14,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -222,7 +224,7 @@ def test_upload_sanitises_names_and_checks_text(server, monkeypatch):
     assert status == 400 and "only .txt" in data["error"]
     status, data = call(server, "POST", "/api/upload?dataset=a&filename=b.txt", raw=b"\xff\xfe\x00")
     assert status == 400 and "not UTF-8" in data["error"]
-    monkeypatch.setattr(ui, "MAX_UPLOAD", 10)
+    monkeypatch.setattr(server, "max_upload", 10)  # the upload limit
     status, data = call(server, "POST", "/api/upload?dataset=a&filename=c.txt", raw=b"x" * 100)
     assert status == 400 and "limit" in data["error"]
     datasets = call(server, "GET", "/api/datasets")[1]["datasets"]
@@ -620,3 +622,142 @@ def test_names_that_are_not_utf8_are_listed_not_500(server):
     os.mkdir(os.fsencode(server.workspace.datasets) + b"/caf\xe9")
     status, data = call(server, "GET", "/api/datasets")
     assert status == 200 and [d["name"] for d in data["datasets"]] == ["caf\udce9"], data
+
+
+# ----------------------------------------------------------------------------- status.json
+# The page launches train with --status-file and learns a run's state from that file, not from
+# the wording of the log; runs started before it (no status.json) are read from the files.
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def run_with_status(ws: ui.Workspace, run_id: str, pid: int | None = None, **status) -> Path:
+    """A run folder with a job.json and the status.json train would have left."""
+    pid = pid or _dead_pid()
+    job = {"id": run_id, "name": run_id, "created": 1.0, "options": {}, "pid": pid, "starts": []}
+    folder = make_run(ws, run_id, json.dumps(job))
+    full = {
+        "phase": "training",
+        "step": 0,
+        "total_steps": None,
+        "val_loss": None,
+        "elapsed_s": 0.0,
+        "message": "",
+        "pid": pid,
+        "updated": 1.0,
+        **status,
+    }
+    (folder / ui.STATUS_FILE).write_text(json.dumps(full))
+    return folder
+
+
+def show_run(page, run_id: str, status: str) -> None:
+    page.goto(f"{page.url.split('#')[0]}#run={run_id}")
+    page.reload()
+    page.wait_for_selector("body[data-ready='1']")
+    page.wait_for_function(f"document.querySelector('#detail').dataset.status === '{status}'")
+
+
+def test_a_run_failing_before_its_output_folder_exists_shows_the_error_from_status_json(
+    server, tiny_models, tmp_path
+):
+    options = {"dataset": str(tmp_path / "nowhere"), "model": str(tiny_models["llama"]), **TINY}
+    status, run = call(server, "POST", "/api/runs", {"options": options})
+    assert status == 201, run
+    folder = server.workspace.runs / run["id"]
+
+    def ended():
+        info = call(server, "GET", f"/api/runs/{run['id']}")[1]
+        return info if info["status"] != "running" else None
+
+    info = wait_for(ended)
+    saved = json.loads((folder / ui.STATUS_FILE).read_text())
+    assert saved["phase"] == "failed" and "nowhere does not exist" in saved["message"]
+    assert not (folder / ui.OUTPUT_DIR).exists()
+    assert (info["status"], info["phase"], info["message"]) == (
+        "failed",
+        "failed",
+        saved["message"],
+    )
+    (folder / ui.LOG_FILE).write_text("")  # the log no longer says it: status.json does
+    info = call(server, "GET", f"/api/runs/{run['id']}")[1]
+    assert info["status"] == "failed" and info["message"] == saved["message"]
+
+
+def test_a_stopped_run_shows_how_to_continue(page, server):
+    how = (
+        "stopped at step 2 of 4; checkpoint saved in /w/out; continue with: softprompt train "
+        "--output /w/out --resume"
+    )
+    folder = run_with_status(
+        server.workspace, "halted", phase="stopped", step=2, total_steps=4, message=how
+    )
+    (folder / ui.OUTPUT_DIR / "checkpoint.pt").write_bytes(b"x")
+    info = call(server, "GET", "/api/runs/halted")[1]
+    assert info["status"] == "stopped" and info["message"] == how and info["can_resume"]
+    assert (info["step"], info["total_steps"]) == (2, 4)
+    show_run(page, "halted", "stopped")
+    assert "continue with: softprompt train" in page.inner_text("#run-message")
+    assert page.is_visible("#resume") and page.inner_text("#stat-step") == "2 / 4"
+
+
+def test_elapsed_counts_every_segment_of_a_resumed_run(page, server):
+    """metrics.jsonl's elapsed_s starts over at each resume; status.json's counts them all."""
+    folder = run_with_status(
+        server.workspace, "resumed", phase="done", step=6, total_steps=6, elapsed_s=100.0
+    )
+    out = folder / ui.OUTPUT_DIR
+    (out / "softprompt.safetensors").write_bytes(b"x")
+    segments = ((1, 30.0), (2, 60.0), (3, 90.0), (4, 3.0), (5, 6.0), (6, 10.0))
+    lines = [{"step": s, "loss": 5.0, "elapsed_s": e} for s, e in segments]
+    lines += [{"step": 0, "val_loss": 4.0}, {"step": 6, "val_loss": 3.25}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    info = call(server, "GET", "/api/runs/resumed")[1]
+    assert info["status"] == "finished" and info["elapsed_s"] == 100.0
+    show_run(page, "resumed", "finished")
+    assert page.inner_text("#stat-elapsed") == "1 min 40 s"
+    (folder / ui.STATUS_FILE).unlink()  # a run from before: this segment's time, as before
+    assert call(server, "GET", "/api/runs/resumed")[1]["elapsed_s"] == 10.0
+
+
+def test_a_running_run_shows_its_phase_and_latest_validation_loss(page, server):
+    folder = server.workspace.runs / "live"
+    # a process whose command line names the run's folder stands for train
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(folder)])
+    try:
+        run_with_status(
+            server.workspace, "live", pid=proc.pid, step=7, total_steps=50, val_loss=2.5
+        )
+        info = call(server, "GET", "/api/runs/live")[1]
+        assert (info["status"], info["phase"], info["val_loss"]) == ("running", "training", 2.5)
+        assert (info["step"], info["total_steps"]) == (7, 50)
+        show_run(page, "live", "running")
+        assert page.inner_text("#run-message") == "training: latest validation loss 2.5000"
+        assert (
+            page.inner_text("#stat-step") == "7 / 50" and page.inner_text("#stat-val") == "2.5000"
+        )
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_runs_started_before_status_json_are_read_from_the_log(server):
+    job = {"id": "old", "name": "old", "created": 1.0, "options": {}, "pid": _dead_pid()}
+    folder = make_run(server.workspace, "old", json.dumps(job))
+    (folder / ui.LOG_FILE).write_text(
+        "=== softprompt ui: 2025-01-01 00:00:00: train ...\n"
+        "soft prompt: 20 tokens, init vocab; 40 steps of 2 x 1 blocks (...)\n"
+        "softprompt: error: --dataset texts/ has no .txt files\n"
+    )
+    info = call(server, "GET", "/api/runs/old")[1]
+    assert info["status"] == "failed" and info["message"] == "--dataset texts/ has no .txt files"
+    assert info["total_steps"] == 40 and info["phase"] is None
+    # a status.json an earlier start left (another pid) is not this start's: not read
+    stale = {"phase": "done", "step": 3, "message": "", "pid": 1, "elapsed_s": 9.0}
+    (folder / ui.STATUS_FILE).write_text(json.dumps(stale))
+    again = call(server, "GET", "/api/runs/old")[1]
+    assert again["status"] == "failed" and again["message"] == info["message"]

@@ -256,6 +256,16 @@ async function refreshDetail() {
   renderDetail(d);
 }
 
+// what a running run is doing: its phase from status.json (train --status-file), what it
+// logged last before its first step, and the latest validation loss once there is one
+function runningText(d) {
+  if (d.phase === "writing") return "writing the soft prompt files and the report…";
+  if (d.activity) return `starting: ${d.activity}`;
+  if (d.phase === "starting") return "starting";
+  if (d.val_loss != null) return `training: latest validation loss ${fmtNum(d.val_loss)}`;
+  return null;
+}
+
 function renderDetail(d) {
   $("#detail").hidden = false;
   $("#detail").dataset.status = d.status;
@@ -281,7 +291,7 @@ function renderDetail(d) {
   const msg = $("#run-message");
   let text = d.message;
   let kind = d.status === "failed" ? "error" : "info";
-  if (d.status === "running") text = d.phase ? `starting: ${d.phase}` : null;
+  if (d.status === "running") text = runningText(d);
   if (d.status === "finished") {
     kind = "ok";
     text = d.val_loss_first != null && d.val_loss != null

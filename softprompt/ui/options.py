@@ -1,0 +1,89 @@
+"""The page's training options: ``TrainConfig``'s fields as the form shows them (kind, flag,
+default, help, group), and the form's values read back as ``TrainConfig`` values, with the
+command line's messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import FIELDS, TrainConfig, _coerce, flag
+from ..config import field_kind as config_field_kind
+from ..errors import ConfigError
+
+# TrainConfig fields the page does not offer: the page picks the output folder, shows
+# progress itself, and has its own Resume button; it starts one process, never torchrun.
+HIDDEN = {"output", "progress", "resume", "force", "shard_model"}
+# shown open, in this order; the rest sit under "more options"
+BASIC = ["dataset", "model", "name", "max_steps", "epochs", "lr", "tokens", "block_size"]
+GROUPS = ("data", "model", "soft prompt", "training", "run")
+
+
+def field_kind(name: str) -> str:
+    """What the page's field for option ``name`` holds (config.field_kind's kinds)."""
+    return config_field_kind(FIELDS[name])
+
+
+def option_list() -> list[dict[str, Any]]:
+    """TrainConfig's fields as the page shows them: name, flag, kind, default, help, choices."""
+    out = []
+    for name, f in FIELDS.items():
+        if name in HIDDEN:
+            continue
+        choices = f.metadata.get("choices") or (
+            ("on", "off") if field_kind(name) == "bool or auto" else None
+        )
+        # an option that is on by default shows as its --no- flag, as on the command line
+        invert = field_kind(name) == "bool" and f.default is True
+        out.append(
+            {
+                "name": name,
+                "flag": f"--no-{name.replace('_', '-')}" if invert else flag(name),
+                "kind": field_kind(name),
+                "default": f.default,
+                "invert": invert,
+                "help": f"do not {f.metadata['help']}" if invert else f.metadata["help"],
+                "choices": list(choices) if choices else None,
+                "group": f.metadata.get("group", "training"),
+                "basic": BASIC.index(name) if name in BASIC else None,
+                "required": name == "dataset",
+            }
+        )
+    return out
+
+
+def parse_options(raw: Any) -> dict[str, Any]:
+    """The page's form values (strings, numbers, booleans) as TrainConfig values; empty
+    strings mean the default. Raises ConfigError naming the option."""
+    if not isinstance(raw, dict):
+        raise ConfigError("options must be a JSON object")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS or name in HIDDEN:
+            raise ConfigError(f"unknown option {key!r}")
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        kind = field_kind(name)
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                if kind == "int":
+                    value = int(text)
+                elif kind == "int or auto":
+                    value = text if text == "auto" else int(text)
+                elif kind == "float":
+                    value = float(text)
+                elif kind in ("bool", "bool or auto"):
+                    value = {"true": True, "false": False, "on": True, "off": False}[text.lower()]
+                else:
+                    value = text if name != "description" else value
+            except (ValueError, KeyError):
+                kind_text = {"int or auto": "a number or auto", "bool or auto": "on or off"}.get(
+                    kind, f"a {kind}"
+                )
+                raise ConfigError(f"{flag(name)} must be {kind_text}, got {text!r}") from None
+        values[name] = _coerce(name, value, flag(name))
+    cfg = TrainConfig(**values, output="-")
+    cfg.validate()
+    # the defaults are left to train; only what was set is written
+    return {k: v for k, v in values.items() if v != FIELDS[k].default}

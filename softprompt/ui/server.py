@@ -1,0 +1,246 @@
+"""The page's server: the static page in ``softprompt/web/`` and its JSON API, as a route
+table (``ROUTES``) on the shared HTTP base (``softprompt.http``).
+
+It binds 127.0.0.1 by default, answers only requests whose Host is that address, and
+requires a custom header on every POST, so other web sites open in the browser cannot drive
+it. Errors are ``{"error": "one line"}``: 400 for what the user can fix, 404 for no such run.
+"""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+import os
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import ConfigError, SoftPromptError
+from ..http import (
+    App,
+    HTTPError,
+    Listener,
+    Request,
+    Router,
+    error,
+    loads,
+    read_body,
+    send,
+    send_json,
+    whole_number,
+)
+from .options import GROUPS, option_list
+from .tryit import Generator
+from .workspace import NoSuchRun, Workspace, default_workdir
+
+log = logging.getLogger("softprompt.ui")
+
+WEB = Path(__file__).resolve().parent.parent / "web"
+DEFAULT_PORT = 8765
+MAX_UPLOAD = 64 << 20  # bytes per uploaded file
+MAX_JSON = 1 << 20  # bytes per JSON request body
+IDLE_TIMEOUT = 60.0  # seconds a connection may wait for the client before it is closed
+HEADER = "X-Softprompt"  # every POST carries it: a cross-site form cannot set it
+
+
+def json_body(r: Request) -> dict:
+    """The POST body (read by ``UIServer.before``) as a JSON object; ConfigError if not."""
+    try:
+        data = loads(r.body or b"{}", finite=True)  # type: ignore[attr-defined]
+    except ValueError as e:
+        raise ConfigError(f"the request body is not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError("the request body must be a JSON object")
+    return data
+
+
+def answer(r: Request, data: Any, status: int = 200) -> None:
+    send_json(r, status, data)
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def static(name: str):
+    def route(r: Request) -> None:
+        ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        if ctype.startswith("text/") or ctype.endswith("javascript"):
+            ctype += "; charset=utf-8"
+        csp = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:"}
+        send(r, 200, (WEB / name).read_bytes(), ctype, csp)
+
+    return route
+
+
+def info(r: Request) -> None:
+    srv: UIServer = r.app
+    ws = srv.workspace
+    answer(
+        r,
+        {
+            "workdir": str(ws.root),
+            "datasets_dir": str(ws.datasets),
+            "version": srv.version,
+            "max_upload": srv.max_upload,
+            "pid": os.getpid(),
+        },
+    )
+
+
+def options(r: Request) -> None:
+    answer(r, {"options": option_list(), "groups": list(GROUPS)})
+
+
+def datasets(r: Request) -> None:
+    answer(r, {"datasets": r.app.workspace.list_datasets()})
+
+
+def upload(r: Request) -> None:
+    ws, q = r.app.workspace, r.query
+    answer(r, ws.upload(q.get("dataset", ""), q.get("filename", ""), r.body))
+
+
+def runs(r: Request) -> None:
+    answer(r, {"runs": r.app.workspace.list_runs()})
+
+
+def start_run(r: Request) -> None:
+    body = json_body(r)
+    answer(r, r.app.workspace.start(body.get("options", body)), 201)
+
+
+def run_status(r: Request) -> None:
+    since = whole_number(r.query.get("since", "0")) or 0
+    answer(r, r.app.workspace.status(r.params["run"], since))
+
+
+def stop_run(r: Request) -> None:
+    answer(r, r.app.workspace.stop(r.params["run"]))
+
+
+def resume_run(r: Request) -> None:
+    steps = json_body(r).get("max_steps")
+    try:
+        steps = int(steps) if steps not in (None, "") else None
+    except (TypeError, ValueError):
+        raise ConfigError("--max-steps must be a whole number") from None
+    answer(r, r.app.workspace.resume(r.params["run"], steps))
+
+
+def try_run(r: Request) -> None:
+    srv: UIServer = r.app
+    body = json_body(r)
+    run_id = r.params["run"]
+    folder = srv.workspace.run_dir(run_id)
+    if not srv.workspace.status(run_id, summary=True)["can_generate"]:
+        raise ConfigError("this run has no finished soft prompt to try yet")
+    answer(r, srv.generator.compare(folder, body))
+
+
+def download(r: Request) -> None:
+    zp = r.app.workspace.zip_path(r.params["run"])
+    quoted = urllib.parse.quote(zp.name)
+    ascii_name = zp.name.encode("ascii", "replace").decode().replace('"', "_")
+    disposition = f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quoted}"
+    send(r, 200, zp.read_bytes(), "application/zip", {"Content-Disposition": disposition})
+
+
+ROUTES = [
+    ("GET", "/", static("index.html")),
+    ("GET", "/app.js", static("app.js")),
+    ("GET", "/style.css", static("style.css")),
+    ("GET", "/api/info", info),
+    ("GET", "/api/options", options),
+    ("GET", "/api/datasets", datasets),
+    ("POST", "/api/upload", upload),
+    ("GET", "/api/runs", runs),
+    ("POST", "/api/runs", start_run),
+    ("GET", "/api/runs/{run}", run_status),
+    ("POST", "/api/runs/{run}/stop", stop_run),
+    ("POST", "/api/runs/{run}/resume", resume_run),
+    ("POST", "/api/runs/{run}/generate", try_run),
+    ("GET", "/api/runs/{run}/download", download),
+]
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class UIServer(Listener, App):
+    """The page's server over ``workspace``, bound to ``host:port`` (call ``serve_forever``).
+    ``idle_timeout`` and ``max_upload`` may be changed before or while it serves."""
+
+    server_version = "softprompt-ui"
+    log = log
+
+    def __init__(self, workspace: Workspace, host: str, port: int):
+        self.workspace = workspace
+        self.generator = Generator()
+        self.version = __version__
+        self.idle_timeout = IDLE_TIMEOUT
+        self.max_upload = MAX_UPLOAD
+        self.allowed_hosts: set[str] | None = (
+            None
+            if host in ("", "0.0.0.0", "::")
+            else {"127.0.0.1", "localhost", "::1", host.lower()}
+        )
+        self.routes = Router()
+        for method, path, fn in ROUTES:
+            self.routes.add(method, path, fn)
+        super().__init__(self, host, port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in str(host) else host
+        return f"http://{host}:{port}/"
+
+    def headers(self) -> dict[str, str]:
+        return {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+    def _host_ok(self, r: Request) -> bool:
+        """Only requests addressed to the bound host: a web page that rebinds its own name
+        to 127.0.0.1 still sends its own name. (Bound to every address, any host goes.)"""
+        if self.allowed_hosts is None:
+            return True
+        host = (r.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]").lower()
+        return host in self.allowed_hosts
+
+    def before(self, r: Request) -> None:
+        """The Host, the POST header, and a POST's body, read whole (the connection is kept
+        alive, so nothing of it may be left for the next request)."""
+        r.body = b""  # type: ignore[attr-defined]
+        if not self._host_ok(r):
+            r.close_connection = True
+            raise error(403, "unexpected Host header", "forbidden")
+        if r.command == "POST":
+            if r.headers.get(HEADER) != "1":
+                r.close_connection = True  # its body is never read
+                raise error(403, f"POST requests need the header {HEADER}: 1", "forbidden")
+            limit = self.max_upload if r.route == "/api/upload" else MAX_JSON
+            r.body = read_body(r, limit, too_large=400)  # type: ignore[attr-defined]
+
+    def client_error(self, e: Exception) -> HTTPError | None:
+        if isinstance(e, NoSuchRun):
+            return error(404, "no such run", "not_found")
+        if isinstance(e, SoftPromptError):
+            return error(400, str(e), "bad_input")
+        return None
+
+    def error_body(self, r: Request, err: HTTPError) -> Any:
+        return {"error": " ".join(err.message.split())}
+
+
+def make_server(
+    workdir: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int = DEFAULT_PORT
+) -> UIServer:
+    """The page's server, bound but not yet serving (call ``serve_forever``). Port 0 picks a
+    free one (see ``.url``). Raises ConfigError if the port is taken or the folder unusable."""
+    ws = Workspace(workdir or default_workdir())
+    try:
+        return UIServer(ws, host, port)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}): pass --port 0 for a free port"
+        ) from None
