@@ -275,3 +275,50 @@ def test_eval_without_a_dataset_needs_a_distilled_soft_prompt(
         capsys, "eval", "--model", tiny_models["llama"], "--softprompt", result.files["kobold"]
     )
     assert_one_line_error(code, err, "eval needs --dataset")
+
+
+def test_two_ranks_distil_as_one_does(tiny_models, tmp_path):
+    """torchrun: rank 0 samples the teacher's text and caches it, rank 1 reads it; the run
+    equals one process with the same global batch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    common = [
+        "-m", "softprompt", "train", "--teacher-prompt", WRITTEN, "--teacher-samples", 8,
+        "--model", tiny_models["llama"], "--device", "cpu", "--dtype", "float32",
+        "--tokens", 4, "--block-size", 16, "--max-steps", 3, "--lr", 0.05, "--seed", 5,
+        "--no-progress", "--no-report",
+    ]  # fmt: skip
+
+    def run(*launcher, out, batch):
+        args = [*launcher, *common, "--output", tmp_path / out, "--batch-size", batch]
+        return subprocess.run(
+            [sys.executable, *map(str, args)],
+            capture_output=True, text=True, timeout=300, env=env, cwd=root,
+        )  # fmt: skip
+
+    two = run(
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", out="two", batch=2
+    )
+    assert two.returncode == 0, two.stderr
+    assert two.stderr.count("text sampled from the model") == 1, two.stderr
+    one = run(out="one", batch=4)
+    assert one.returncode == 0, one.stderr
+    assert "(from the cache)" in one.stderr
+    a = SoftPrompt.load(tmp_path / "two" / "softprompt.safetensors").tensor
+    b = SoftPrompt.load(tmp_path / "one" / "softprompt.safetensors").tensor
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_page_offers_the_written_prompt_to_distil():
+    from softprompt.ui.options import GROUPS, option_list, parse_options
+
+    opt = next(o for o in option_list() if o["name"] == "teacher_prompt")
+    assert opt["group"] == "distillation" in GROUPS and opt["flag"] == "--teacher-prompt"
+    written = "Granny Thorne talks like a sailor.\n\nGranny Thorne:\n"
+    # no dataset is needed, and the prompt is kept as typed, line breaks and all
+    assert parse_options({"teacher_prompt": written}) == {"teacher_prompt": written}

@@ -15,7 +15,9 @@ from ..errors import ConfigError
 HIDDEN = {"output", "progress", "resume", "force", "shard_model"}
 # shown open, in this order; the rest sit under "more options"
 BASIC = ["dataset", "model", "name", "max_steps", "epochs", "lr", "tokens", "block_size"]
-GROUPS = ("data", "model", "soft prompt", "training", "run")
+GROUPS = ("data", "distillation", "model", "soft prompt", "training", "run")
+# options whose text is kept as typed, spaces and line breaks included
+VERBATIM = {"description", "teacher_prompt"}
 
 
 def field_kind(name: str) -> str:
@@ -76,7 +78,7 @@ def parse_options(raw: Any) -> dict[str, Any]:
                 elif kind in ("bool", "bool or auto"):
                     value = {"true": True, "false": False, "on": True, "off": False}[text.lower()]
                 else:
-                    value = text if name != "description" else value
+                    value = value if name in VERBATIM else text
             except (ValueError, KeyError):
                 kind_text = {"int or auto": "a number or auto", "bool or auto": "on or off"}.get(
                     kind, f"a {kind}"

@@ -92,6 +92,10 @@ function optionField(opt) {
     for (const c of opt.choices) {
       input.append(el("option", { value: c, text: c, selected: c === opt.default }));
     }
+  } else if (opt.name === "teacher_prompt") {
+    // a written prompt is paragraphs long: a text area (a .txt file's path works too)
+    input = el("textarea", { id, name: opt.name, rows: 6,
+      placeholder: "the written prompt to distil (memory, character card...), or a .txt file's path" });
   } else {
     const numeric = opt.kind === "int" || opt.kind === "float";
     input = el("input", {
@@ -125,7 +129,7 @@ function buildForm(options, groups) {
   for (const g of groups) {
     const inGroup = options.filter((o) => o.group === g && o.basic === null);
     if (!inGroup.length) continue;
-    const title = g.charAt(0).toUpperCase() + g.slice(1);
+    const title = g === "distillation" ? "Written prompt to distil" : g.charAt(0).toUpperCase() + g.slice(1);
     const fs = el("fieldset", { class: "group" }, el("legend", { text: title }));
     for (const o of inGroup) fs.append(optionField(o));
     more.append(fs);
