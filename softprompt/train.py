@@ -446,11 +446,10 @@ def _objective(teacher: Teacher | None, cfg: TrainConfig, plan: Plan, lm: Loaded
     need = plan.n_train * teacher.block_bytes(plan.block_size)
     store = decide_teacher_store(need, passes, free_memory(lm.device))
     log.info(
-        "distilling a %d-token written prompt ([BOS] + prompt: %d tokens, its KV cache "
-        "computed once), weight %g on the KL; the teacher's predictions for the %d training "
-        "blocks %s",
+        "distilling a %d-token written prompt%s (its KV cache computed once), weight %g on "
+        "the KL; the teacher's predictions for the %d training blocks %s",
         teacher.n_prefix - len(lm.bos_ids),
-        teacher.n_prefix,
+        " after the BOS token" if lm.bos_ids else "",
         cfg.distill_weight,
         plan.n_train,
         f"computed once and kept ({format_bytes(need)}), as each is seen {passes:.1f} times"
