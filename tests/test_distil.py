@@ -322,3 +322,22 @@ def test_the_page_offers_the_written_prompt_to_distil():
     written = "Granny Thorne talks like a sailor.\n\nGranny Thorne:\n"
     # no dataset is needed, and the prompt is kept as typed, line breaks and all
     assert parse_options({"teacher_prompt": written}) == {"teacher_prompt": written}
+
+
+def test_the_server_serves_a_distilled_soft_prompt_as_any_other(models, tmp_path):
+    import http.client
+
+    from softprompt.generate import generate
+    from softprompt.serve import Server
+
+    lm = models["llama"]
+    result = _distil(lm, tmp_path, "s", max_steps=1)
+    assert SoftPrompt.load(result.files["kobold"]).meta["distil"]["teacher_prompt"] == WRITTEN
+    with Server(lm, tmp_path / "s", "distilled.zip", port=0) as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        body = {"prompt": "Mrs. Bennet", "max_length": 5, "temperature": 0, "rep_pen": 1}
+        conn.request("POST", "/api/v1/generate", json.dumps(body), {"Content-Type": "application/json"})
+        answer = json.loads(conn.getresponse().read())
+    want = generate(lm, "Mrs. Bennet", result.soft_prompt, temperature=0, max_new_tokens=5,
+                    repetition_penalty=1.0)  # fmt: skip
+    assert answer["results"][0]["text"] == want
