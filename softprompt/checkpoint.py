@@ -15,11 +15,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from .model import LoadedModel
 from .errors import RunError
 from .fileio import atomic_write, format_bytes
 from .formats import mtjsp
@@ -205,16 +208,15 @@ def check_resumable(
     checkpoint: dict | None,
     cfg: TrainConfig,
     out: Path,
-    *,
     dataset_hash: str,
-    model_source: str,
-    bos_ids: list[int],
+    lm: LoadedModel,
     teacher: str | None = None,
 ) -> None:
     """Refuse to resume a checkpoint made on other data, another model, another layout or
     another written prompt to distil (``teacher``: its hash) (``--force`` resumes anyway)."""
     if checkpoint is None or cfg.force:
         return
+    model_source, bos_ids = lm.source, lm.bos_ids
     saved_teacher = checkpoint.get("teacher")
     if saved_teacher != teacher:
         how = (

@@ -46,13 +46,22 @@ class SoftPrompt:
     def name(self) -> str:
         return str(self.meta.get("name") or "softprompt")
 
-    def check_fits(self, model: torch.nn.Module, where: str = "soft prompt") -> None:
-        """Raise if the vectors do not match the model's input embedding width."""
+    def check_fits(
+        self, model: torch.nn.Module, where: str = "soft prompt", model_name: str | None = None
+    ) -> None:
+        """Raise if the vectors do not match the model's input embedding width, naming the
+        model the soft prompt was made for when its metadata says."""
         want = model.get_input_embeddings().embedding_dim
         if self.dim != want:
+            supported = self.meta.get("supported")
+            made_for = self.meta.get("model") or (
+                supported[0] if isinstance(supported, list) and supported else None
+            )
+            this = f" ({model_name})" if model_name else ""
             raise ModelError(
-                f"{where} has width {self.dim} but the model's input embeddings are {want} wide: "
-                "it was made for another model"
+                f"{where} has width {self.dim} but the model's input embeddings{this} are {want} "
+                f"wide: it was made for {made_for or 'another model'}"
+                + (f": pass --model {made_for}" if made_for else "")
             )
 
     @classmethod

@@ -38,7 +38,7 @@ from .checkpoint import (
     check_resumable,
     mtj_resume_step,
 )
-from .config import TrainConfig, read_toml, to_toml
+from .config import PATHS, TrainConfig, absolute_paths, decisions, saved_options, to_toml
 from .data import (
     BatchSampler,
     make_blocks,
@@ -59,12 +59,19 @@ from .distil import (
     written_prompt_ids,
 )
 from .errors import ConfigError, RunError, SoftPromptError
-from .fileio import format_bytes, write_text
+from .fileio import copy_file, format_bytes, write_text
 from .formats import load_any
 from .loss import fused_head, perplexity
 from .model import LoadedModel, load_model, pick_device, pick_dtype
 from .objective import CrossEntropy, Distillation, Objective
-from .outputs import Metrics, init_text, soft_prompt_files, soft_prompt_meta, write_soft_prompt
+from .outputs import (
+    Metrics,
+    copy_target,
+    init_text,
+    soft_prompt_files,
+    soft_prompt_meta,
+    write_soft_prompt,
+)
 from .plan import (
     Plan,
     block_size_for,
@@ -170,9 +177,9 @@ def _run(
         )
     device = model.device if model else distributed.rank_device(ranks, pick_device(cfg.device))
     with distributed.process_group(ranks, device), _process_state(ranks):
-        run = setup(cfg, model, ranks, device, status)
+        run = setup(_with_decisions(cfg), model, ranks, device, status)
         resolved = prepare(run)
-        _open_output(run, resolved)
+        _open_output(run, absolute_paths(cfg), resolved)
         run.objective.prepare(run.batches.blocks.numpy(), run.plan.batch_size)
         if run.checkpoint is None:
             val_before = val_latest = run.validate()
@@ -186,12 +193,19 @@ def _config(config: TrainConfig | None, options: dict) -> TrainConfig:
     """The run's options: ``config`` changed by ``options``, or ``options`` alone; for
     ``train(output=..., resume=True)`` the rest comes from the run's saved config.toml."""
     if config is None and options.get("resume") and options.get("output"):
-        saved = Path(options["output"]).expanduser() / CONFIG_FILE
-        if saved.is_file() and not options.get("dataset"):
-            options = {**read_toml(saved), **options}
+        options = {**saved_options(options["output"], options), **options}
     cfg = dataclasses.replace(config, **options) if config else TrainConfig(**options)
     cfg.validate()
     return cfg
+
+
+def _with_decisions(cfg: TrainConfig) -> TrainConfig:
+    """For a resume: what the run decided itself (block size, batch size, --compile...) where
+    the options leave it to the run, so the resumed segments run as the first one did."""
+    if not cfg.resume or cfg.output is None:
+        return cfg
+    unset = {k: v for k, v in decisions(cfg.output).items() if getattr(cfg, k) in (None, "auto")}
+    return dataclasses.replace(cfg, **unset)
 
 
 @contextlib.contextmanager
@@ -235,6 +249,7 @@ class Run:
     metrics: Metrics = field(default_factory=lambda: Metrics(None, None))
     checkpointing: bool = False
     compiled: bool = False
+    copy_to: Path | None = None  # where --copy-to puts the zip
 
     @property
     def mine(self) -> int:
@@ -294,6 +309,7 @@ def setup(
     out = Path(cfg.output).expanduser()
     # only rank 0 reads the output folder (on several nodes it is rank 0's)
     checkpoint = distributed.broadcast(ranks, check_output(out, cfg) if ranks.main else None)
+    copy_to = copy_target(cfg) if ranks.main else None
     # the dataset's files are read first: a problem there fails in a second
     texts = read_dataset(cfg.dataset, cfg.recursive, cfg.skip_bad_files) if cfg.dataset else None
     lm = _load_model(cfg, model, ranks, device)
@@ -309,9 +325,8 @@ def setup(
         checkpoint,
         cfg,
         out,
-        dataset_hash=texts.content_hash if texts else _sampled_hash(cfg, lm, teacher, block_size),
-        model_source=lm.source,
-        bos_ids=lm.bos_ids,
+        texts.content_hash if texts else _sampled_hash(cfg, lm, teacher, block_size),
+        lm,
         teacher=prefix_hash(teacher.prefix.tolist()) if teacher else None,
     )
     if ranks.main:
@@ -362,6 +377,7 @@ def setup(
         checkpoint=checkpoint,
         status=status,
         objective=_objective(teacher, cfg, plan, lm),
+        copy_to=copy_to,
     )
 
 
@@ -669,9 +685,10 @@ def _first_compiled_step(run: Run, batch: torch.Tensor) -> bool:
     return True
 
 
-def _open_output(run: Run, resolved: TrainConfig) -> None:
+def _open_output(run: Run, asked: TrainConfig, resolved: TrainConfig) -> None:
     """The output folder, created only now that every check has passed (by rank 0 alone),
-    with the resolved options and the metrics file (trimmed back to a resumed checkpoint)."""
+    with config.toml (the options ``asked`` for, and in its [decided] table what the run
+    decided itself) and the metrics file (trimmed back to a resumed checkpoint)."""
     out, resumed = run.out, run.checkpoint is not None
     if run.ranks.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -679,7 +696,12 @@ def _open_output(run: Run, resolved: TrainConfig) -> None:
             for stale in (CHECKPOINT_FILE, METRICS_FILE, SOFTPROMPT_FILE):
                 with contextlib.suppress(FileNotFoundError):
                     (out / stale).unlink()
-        write_text(out / CONFIG_FILE, to_toml(resolved.to_dict()))
+        given, used = asked.to_dict(), resolved.to_dict()
+        # paths were made absolute in ``asked`` only: they are asked for, never decided
+        decided = {
+            k: v for k, v in used.items() if given[k] != v and k not in (*PATHS, "init_text")
+        }
+        write_text(out / CONFIG_FILE, to_toml(given, decided))
     run.metrics = Metrics(
         out / METRICS_FILE if run.ranks.main else None,
         keep_until=run.plan.start_step if resumed else None,
@@ -812,6 +834,9 @@ def finish(
     files = soft_prompt_files(sp, out)
     if run.ranks.main:
         write_soft_prompt(sp, files)
+        if run.copy_to is not None:
+            files["copy"] = copy_file(files["kobold"], run.copy_to)
+            log.info("copied %s to %s", files["kobold"].name, run.copy_to.parent)
     if val_before is not None:
         log.info(
             "validation loss %.4f -> %.4f (perplexity %.2f -> %.2f)",

@@ -13,11 +13,76 @@ from ..errors import ConfigError
 # TrainConfig fields the page does not offer: the page picks the output folder, shows
 # progress itself, and has its own Resume button; it starts one process, never torchrun.
 HIDDEN = {"output", "progress", "resume", "force", "shard_model"}
-# shown open, in this order; the rest sit under "more options"
-BASIC = ["dataset", "model", "name", "max_steps", "epochs", "lr", "tokens", "block_size"]
+# shown open, in this order (as on the Colab notebooks' forms: the data, the soft prompt's
+# name, description, author and starter text, the model and the numbers); the rest sit under
+# "more options"
+BASIC = [
+    "dataset",
+    "name",
+    "author",
+    "description",
+    "init_text",
+    "model",
+    "tokens",
+    "max_steps",
+    "epochs",
+    "lr",
+    "batch_size",
+    "block_size",
+]
 GROUPS = ("data", "distillation", "model", "soft prompt", "training", "run")
 # options whose text is kept as typed, spaces and line breaks included
 VERBATIM = {"description", "teacher_prompt"}
+# each option's name on the page; the flag is kept in its help. An option not named here
+# (one added to TrainConfig later) shows its field name in words.
+LABELS = {
+    "dataset": "Dataset",
+    "recursive": "Include sub-folders",
+    "skip_bad_files": "Skip files that are not text",
+    "block_size": "Block size",
+    "val_fraction": "Validation fraction",
+    "val_max_blocks": "Validation blocks (at most)",
+    "model": "Model",
+    "device": "Device",
+    "dtype": "Precision",
+    "device_map": "Spread over GPUs",
+    "load_in_8bit": "Load in 8 bits",
+    "load_in_4bit": "Load in 4 bits",
+    "name": "Name",
+    "description": "Description",
+    "copy_to": "Also copy the zip to",
+    "author": "Author",
+    "tokens": "Soft prompt tokens",
+    "init": "Initialise from",
+    "init_text": "Starter text",
+    "init_from": "Start from a soft prompt file",
+    "teacher_prompt": "Written prompt to distil",
+    "distill_weight": "KL's share of the loss",
+    "teacher_samples": "Sampled continuations",
+    "teacher_temperature": "Sampling temperature",
+    "teacher_top_p": "Sampling top-p",
+    "max_steps": "Steps",
+    "epochs": "Epochs",
+    "batch_size": "Batch size",
+    "grad_accum": "Gradient accumulation",
+    "lr": "Learning rate",
+    "warmup": "Warmup",
+    "weight_decay": "Weight decay",
+    "max_grad_norm": "Gradient clipping",
+    "optimizer": "Optimizer",
+    "checkpointing": "Gradient checkpointing",
+    "compile": "Compile",
+    "eval_every": "Validate every (steps)",
+    "save_every": "Checkpoint every (steps)",
+    "seed": "Seed",
+    "cache_dir": "Token cache folder",
+    "report": "Write report.md",
+}
+
+
+def label(name: str) -> str:
+    """The option's name on the page: "Learning rate" for lr."""
+    return LABELS.get(name) or name.replace("_", " ").capitalize()
 
 
 def field_kind(name: str) -> str:
@@ -34,16 +99,18 @@ def option_list() -> list[dict[str, Any]]:
         choices = f.metadata.get("choices") or (
             ("on", "off") if field_kind(name) == "bool or auto" else None
         )
-        # an option that is on by default shows as its --no- flag, as on the command line
+        # an option that is on by default is turned off by its --no- flag, as on the command
+        # line: the page shows a box ticked by default
         invert = field_kind(name) == "bool" and f.default is True
         out.append(
             {
                 "name": name,
+                "label": label(name),
                 "flag": f"--no-{name.replace('_', '-')}" if invert else flag(name),
                 "kind": field_kind(name),
                 "default": f.default,
                 "invert": invert,
-                "help": f"do not {f.metadata['help']}" if invert else f.metadata["help"],
+                "help": f.metadata["help"],
                 "choices": list(choices) if choices else None,
                 "group": f.metadata.get("group", "training"),
                 "basic": BASIC.index(name) if name in BASIC else None,

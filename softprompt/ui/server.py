@@ -8,9 +8,11 @@ it. Errors are ``{"error": "one line"}``: 400 for what the user can fix, 404 for
 
 from __future__ import annotations
 
+import importlib
 import logging
 import mimetypes
 import os
+import threading
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from ..http import (
 )
 from .options import GROUPS, option_list
 from .tryit import Generator
-from .workspace import NoSuchRun, Workspace, default_workdir
+from .workspace import NoSuchDataset, NoSuchRun, Workspace, default_workdir
 
 log = logging.getLogger("softprompt.ui")
 
@@ -96,6 +98,16 @@ def datasets(r: Request) -> None:
     answer(r, {"datasets": r.app.workspace.list_datasets()})
 
 
+def check_dataset(r: Request) -> None:
+    q = r.query
+    flags = {k: q.get(k, "") in ("1", "true", "on") for k in ("recursive", "skip_bad_files")}
+    answer(r, r.app.workspace.check_dataset(q.get("path", ""), **flags))
+
+
+def delete_dataset(r: Request) -> None:
+    answer(r, r.app.workspace.delete_dataset(r.params["name"]))
+
+
 def upload(r: Request) -> None:
     ws, q = r.app.workspace, r.query
     answer(r, ws.upload(q.get("dataset", ""), q.get("filename", ""), r.body))
@@ -121,11 +133,15 @@ def stop_run(r: Request) -> None:
 
 def resume_run(r: Request) -> None:
     steps = json_body(r).get("max_steps")
-    try:
-        steps = int(steps) if steps not in (None, "") else None
-    except (TypeError, ValueError):
-        raise ConfigError("--max-steps must be a whole number") from None
+    number = whole_number(str(steps)) if steps not in (None, "") else None
+    if steps not in (None, "") and number is None:
+        raise ConfigError("Steps (--max-steps) must be a whole number")
+    steps = number
     answer(r, r.app.workspace.resume(r.params["run"], steps))
+
+
+def delete_run(r: Request) -> None:
+    answer(r, r.app.workspace.delete_run(r.params["run"]))
 
 
 def try_run(r: Request) -> None:
@@ -146,19 +162,38 @@ def download(r: Request) -> None:
     send(r, 200, zp.read_bytes(), "application/zip", {"Content-Disposition": disposition})
 
 
+# the page's icon: a soft prompt's tokens before the text, in the page's blue
+ICON = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">'
+    b'<rect width="32" height="32" rx="7" fill="#1d2330"/>'
+    b'<rect x="5" y="9" width="5" height="14" rx="2" fill="#2f6fdb"/>'
+    b'<rect x="12" y="9" width="5" height="14" rx="2" fill="#2f6fdb" opacity=".7"/>'
+    b'<rect x="20" y="12" width="8" height="2.5" rx="1" fill="#fff"/>'
+    b'<rect x="20" y="17.5" width="6" height="2.5" rx="1" fill="#fff"/></svg>'
+)
+
+
+def favicon(r: Request) -> None:
+    send(r, 200, ICON, "image/svg+xml", {"Cache-Control": "max-age=86400"})
+
+
 ROUTES = [
     ("GET", "/", static("index.html")),
     ("GET", "/app.js", static("app.js")),
     ("GET", "/style.css", static("style.css")),
+    ("GET", "/favicon.ico", favicon),
     ("GET", "/api/info", info),
     ("GET", "/api/options", options),
     ("GET", "/api/datasets", datasets),
+    ("GET", "/api/dataset-check", check_dataset),
+    ("POST", "/api/datasets/{name}/delete", delete_dataset),
     ("POST", "/api/upload", upload),
     ("GET", "/api/runs", runs),
     ("POST", "/api/runs", start_run),
     ("GET", "/api/runs/{run}", run_status),
     ("POST", "/api/runs/{run}/stop", stop_run),
     ("POST", "/api/runs/{run}/resume", resume_run),
+    ("POST", "/api/runs/{run}/delete", delete_run),
     ("POST", "/api/runs/{run}/generate", try_run),
     ("GET", "/api/runs/{run}/download", download),
 ]
@@ -224,6 +259,8 @@ class UIServer(Listener, App):
     def client_error(self, e: Exception) -> HTTPError | None:
         if isinstance(e, NoSuchRun):
             return error(404, "no such run", "not_found")
+        if isinstance(e, NoSuchDataset):
+            return error(404, "no such dataset", "not_found")
         if isinstance(e, SoftPromptError):
             return error(400, str(e), "bad_input")
         return None
@@ -239,8 +276,12 @@ def make_server(
     free one (see ``.url``). Raises ConfigError if the port is taken or the folder unusable."""
     ws = Workspace(workdir or default_workdir())
     try:
-        return UIServer(ws, host, port)
+        server = UIServer(ws, host, port)
     except OSError as e:
         raise ConfigError(
             f"cannot listen on {host}:{port} ({e.strerror or e}): pass --port 0 for a free port"
         ) from None
+    # the dataset check reads with softprompt.data, which loads torch (seconds): load it now,
+    # so that the first check answers as the user types
+    threading.Thread(target=importlib.import_module, args=("softprompt.data",), daemon=True).start()
+    return server

@@ -87,15 +87,25 @@ def log_since_start(path: Path) -> list[str]:
 
 
 def progress(
-    records: list[dict], lines: list[str], running: bool, status: dict | None = None
+    records: list[dict],
+    lines: list[str],
+    running: bool,
+    status: dict | None = None,
+    earlier: dict | None = None,
+    asked: int | None = None,
 ) -> dict[str, Any]:
     """Step, total, loss, validation loss, tokens/s, elapsed time and ETA. ``status`` is the
     run's status.json (None: a run started without one): the total, the latest validation
     loss and the time trained over every segment come from it; the rest from metrics.jsonl,
-    and without it the total from the log and the time from this segment's metrics."""
+    and without it the total from the log and the time from this segment's metrics.
+    ``earlier``: the status.json of the segment before a resume, and ``asked`` the resume's
+    --max-steps: until the resumed process knows its plan, the total, the time and the ETA
+    come from them."""
     steps = [r for r in records if "loss" in r]
     vals = [r for r in records if "val_loss" in r]
     total = _total_from_log(lines) if status is None else status.get("total_steps")
+    if total is None and running and (earlier or asked):
+        total = asked or _number((earlier or {}).get("total_steps"))
     last = steps[-1] if steps else None
     info: dict[str, Any] = {
         "step": last["step"] if last else 0,
@@ -124,7 +134,33 @@ def progress(
         for key in ("val_loss", "elapsed_s"):
             if _number(status.get(key)) is not None:
                 info[key] = status[key]
+    if running and earlier and (status is None or status.get("phase") == "starting"):
+        _resuming(info, earlier)
     return info
+
+
+def _resuming(info: dict[str, Any], earlier: dict) -> None:
+    """A resumed run before its first step: the step, time and validation loss of the
+    segments before, and an ETA at their pace."""
+    done, elapsed = _number(earlier.get("step")) or 0, _number(earlier.get("elapsed_s"))
+    info["step"] = max(info["step"], done)
+    if elapsed:
+        info["elapsed_s"] = elapsed
+    if info["val_loss"] is None and _number(earlier.get("val_loss")) is not None:
+        info["val_loss"] = earlier["val_loss"]
+    total = info["total_steps"]
+    if total and done and elapsed:
+        info["eta_s"] = max(0.0, (total - info["step"]) * elapsed / done)
+
+
+def stopped_message(step: int, total: int | None, checkpoint: bool) -> str:
+    """A stopped run's line on the page: where it stopped and what the page can do next."""
+    where = f"Stopped at step {step}" + (f" of {total}" if total else "")
+    if checkpoint:
+        return f"{where}; Resume to continue"
+    if step:
+        return f"{where} before a checkpoint was saved; start a new run to train"
+    return "Stopped before training began; start a new run to train"
 
 
 def _total_from_log(lines: list[str]) -> int | None:
@@ -166,12 +202,14 @@ def run_state(
         return "running", None
     if status is not None:
         phase, message = status["phase"], " ".join(str(status.get("message") or "").split())
-        if phase == "done" or finished:
+        if phase == "done":
+            return "finished", None
+        if phase == "stopped":  # a finished run trained further, stopped part way
+            return "stopped", message or "stopped"
+        if finished:
             return "finished", None
         if phase == "failed":
             return "failed", message or "the training process failed"
-        if phase == "stopped":
-            return "stopped", message or "stopped"
         # it ended in the middle of a phase without a word: killed, or out of memory
         return _ended(checkpoint, job)
     errors = [line for line in lines if line.startswith(ERROR_PREFIXES)]

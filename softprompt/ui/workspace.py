@@ -13,7 +13,9 @@ out --status-file status.json --no-progress``, started in a session of its own s
 keeps going when the page is closed or the server stops; its state is read back from the
 files alone (``state.py``), so reopening the page, or restarting ``softprompt ui``, lists
 every run as it stands. Stop sends SIGTERM: train finishes the current step, saves a
-checkpoint and exits 130; Resume runs ``train --output out --resume``.
+checkpoint and exits 130; Resume runs ``train --output out --resume`` (with ``--max-steps N``
+to train a finished run further). A run that is not running, and an uploaded dataset, can be
+deleted: the folder goes, and a link in it goes without what it leads to.
 
 Every file of a run is the server's to read and write: a link that leads out of the run's
 folder (or out of datasets/) makes it refuse the run (or the upload).
@@ -26,6 +28,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,9 +50,19 @@ from ..runfiles import (
     RUN_CONFIG,
     SOFTPROMPT_FILE,
     STATUS_FILE,
+    read_status,
 )
+from .datacheck import check_dataset
 from .options import parse_options
-from .state import MARK, MetricsReader, current_status, log_since_start, progress, run_state
+from .state import (
+    MARK,
+    MetricsReader,
+    current_status,
+    log_since_start,
+    progress,
+    run_state,
+    stopped_message,
+)
 
 log = logging.getLogger("softprompt.ui")
 
@@ -109,6 +122,7 @@ JOB_TYPES: dict[str, type | tuple[type, ...]] = {
     "stop_requested": bool,
     "options": dict,
     "starts": list,
+    "earlier": (dict, type(None)),
 }
 
 
@@ -129,6 +143,18 @@ def _read_job(folder: Path) -> dict:
             f"{folder.name}/{JOB_FILE} is damaged ({e}): delete the folder {folder}"
         ) from None
     return job
+
+
+def _asked_steps(job: dict) -> int | None:
+    """The --max-steps the latest resume that gave one asked for (a resume without one keeps
+    it), or None."""
+    asked = None
+    for start in job.get("starts") or []:
+        args = start.get("args") if isinstance(start, dict) else None
+        if isinstance(args, list) and "--max-steps" in args[:-1]:
+            value = args[args.index("--max-steps") + 1]
+            asked = int(value) if isinstance(value, str) and value.isdigit() else asked
+    return asked
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -156,8 +182,39 @@ def pid_alive(pid: int | None, marker: str) -> bool:
             return False
 
 
+def _trained_on(runs: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
+    """The runs (summaries) whose dataset is ``folder`` or in it."""
+    out = []
+    for run in runs:
+        dataset = run.get("dataset")
+        if isinstance(dataset, str) and dataset:
+            path = Path(dataset)
+            if path == folder or folder in path.parents:
+                out.append(run)
+    return out
+
+
 class NoSuchRun(KeyError):
     """A run id with no run folder: a 404."""
+
+
+class NoSuchDataset(KeyError):
+    """A dataset name with no dataset folder: a 404."""
+
+
+RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,120}")
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or folder of the workspace: a link is removed, never what it leads to
+    (rmtree does not follow the links inside a folder either). ConfigError if it cannot."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink()
+        else:
+            shutil.rmtree(path)
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be deleted ({e.strerror or e})") from None
 
 
 class Workspace:
@@ -185,7 +242,7 @@ class Workspace:
     def run_dir(self, run_id: str) -> Path:
         """The run's folder; NoSuchRun (a KeyError) if there is none, RunError if it or a link in it leads
         out of it (every file of a run is the server's to read and write)."""
-        if not re.fullmatch(r"[A-Za-z0-9._-]{1,120}", run_id) or run_id.startswith("."):
+        if not RUN_ID.fullmatch(run_id) or run_id.startswith("."):
             raise NoSuchRun(run_id)
         folder = self.runs / run_id
         if not (folder / JOB_FILE).is_file():
@@ -234,6 +291,11 @@ class Workspace:
         ):
             if values.get(key):
                 values[key] = _absolute(values[key], only)
+        found = check_dataset(
+            values["dataset"], values.get("recursive", False), values.get("skip_bad_files", False)
+        )
+        if not found["ok"]:  # train would stop on it: no run is made
+            raise ConfigError(found["message"])
         name = values.get("name") or Path(str(values["dataset"]).rstrip("/\\")).name or "run"
         stamp = time.strftime("%Y%m%d-%H%M%S")
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:40] or "run"
@@ -264,13 +326,38 @@ class Workspace:
             raise ConfigError("this run is still running")
         if not state["can_resume"]:
             raise ConfigError("this run has no checkpoint to resume from: start a new run")
-        extra = ["--resume"]
-        if max_steps is not None:
-            if max_steps < 1:
-                raise ConfigError("--max-steps must be at least 1")
-            extra += ["--max-steps", str(max_steps)]
+        if max_steps is not None and max_steps < 1:
+            raise ConfigError("Steps (--max-steps) must be at least 1")
+        done = state["step"]
+        if state["status"] == "finished" and (max_steps is None or max_steps <= done):
+            raise ConfigError(
+                f"this run has finished its {done} steps: give Steps (--max-steps) above "
+                f"{done} to train it further"
+            )
+        extra = ["--resume"] + (["--max-steps", str(max_steps)] if max_steps else [])
         self._launch(folder, extra)
         return self.status(run_id)
+
+    def delete_run(self, run_id: str) -> dict[str, Any]:
+        """Delete a run that is not running, its folder and everything in it (a damaged one
+        too: a link is removed, not followed)."""
+        if not RUN_ID.fullmatch(run_id) or run_id.startswith("."):
+            raise NoSuchRun(run_id)
+        folder = self.runs / run_id
+        if not folder.is_symlink() and not (folder / JOB_FILE).is_file():
+            raise NoSuchRun(run_id)
+        with self._lock:
+            try:
+                running = self._alive(run_id, _read_job(folder))
+            except SoftPromptError:  # a damaged job.json: only our own child is known
+                child = self._children.get(run_id)
+                running = child is not None and child.poll() is None
+            if running:
+                raise ConfigError("this run is running: stop it before deleting it")
+            _remove(folder)
+            self._children.pop(run_id, None)
+        log.info("deleted run %s", run_id)
+        return {"deleted": run_id}
 
     def _launch(self, folder: Path, args: list[str]) -> None:
         out = folder / OUTPUT_DIR
@@ -287,6 +374,11 @@ class Workspace:
             "--no-progress",
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+        earlier = read_status(folder / STATUS_FILE)  # the segment before: this one replaces it
+        try:
+            json.dumps(earlier, allow_nan=False)
+        except ValueError:  # NaN written by hand: not JSON, not kept
+            earlier = None
         with (folder / LOG_FILE).open("a", encoding="utf-8") as fh:
             fh.write(f"{MARK}{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd[2:])}\n")
             fh.flush()
@@ -302,6 +394,7 @@ class Workspace:
         with self._lock:
             self._children[folder.name] = proc
             job = _read_job(folder)
+            job["earlier"] = earlier
             job["pid"] = proc.pid
             job["stop_requested"] = False
             job["exit_code"] = None
@@ -343,10 +436,16 @@ class Workspace:
         running = self._alive(run_id, job)
         records = self._metrics.read(out / METRICS_FILE)
         current = current_status(folder / STATUS_FILE, job)
+        # the last segment's status.json, kept at a resume for the page until this one knows
+        earlier = job.get("earlier") if running else None
         lines = log_since_start(folder / LOG_FILE)
         finished = (out / SOFTPROMPT_FILE).is_file()
         checkpoint = (out / CHECKPOINT_FILE).is_file()
         state, message = run_state(running, current, finished, checkpoint, job, lines)
+        asked = _asked_steps(job)
+        numbers = progress(records, lines, running, current, earlier, asked)
+        if state == "stopped":  # what to do on this page, not train's command line
+            message = stopped_message(numbers["step"], numbers["total_steps"], checkpoint)
         zips = sorted(out.glob("*.zip")) if finished else []
         info: dict[str, Any] = {
             "id": run_id,
@@ -357,12 +456,13 @@ class Workspace:
             "phase": current["phase"] if current else None,  # runfiles.PHASES, when known
             "dataset": job.get("options", {}).get("dataset"),
             "model": job.get("options", {}).get("model"),
-            "options": job.get("options", {}),
+            "options": {**job.get("options", {}), **({"max_steps": asked} if asked else {})},
             "output": str(out),
             "zip": zips[0].name if zips else None,
-            "can_resume": checkpoint and not running and state != "finished",
+            # a finished run keeps its checkpoint: it can be trained further
+            "can_resume": checkpoint and not running,
             "can_generate": finished and not running,
-            **progress(records, lines, running, current),
+            **numbers,
         }
         starting = current is None or current["phase"] == "starting"
         if state == "running" and starting and not records:  # what it does before training
@@ -386,9 +486,10 @@ class Workspace:
 
     # --- datasets
     def list_datasets(self) -> list[dict[str, Any]]:
-        """The dataset folders and their .txt files; what a link takes out of datasets/ is
-        left out."""
+        """The dataset folders, their .txt files, and the runs trained on each; what a link
+        takes out of datasets/ is left out."""
         out = []
+        runs = None
         for folder in sorted(self.datasets.iterdir()):
             real = _within(folder, self.datasets)
             if real is not None and real.is_dir():
@@ -397,15 +498,43 @@ class Workspace:
                     for f in sorted(real.glob("*.txt"))
                     if _within(f, self.datasets) and f.is_file()
                 ]
+                runs = self.list_runs() if runs is None else runs
                 out.append(
                     {
                         "name": folder.name,
                         "path": str(real),
                         "files": [f.name for f in files],
                         "bytes": sum(f.stat().st_size for f in files),
+                        "runs": [r["name"] for r in _trained_on(runs, real)],
                     }
                 )
         return out
+
+    def check_dataset(self, path: str, recursive: bool, skip_bad_files: bool) -> dict:
+        """What train would make of the dataset path (``datacheck.check_dataset``)."""
+        if not path.strip() or "\0" in path:
+            message = "give a dataset" if not path.strip() else "a path holds no NUL character"
+            return {"ok": False, "message": message, "files": 0, "bytes": 0}
+        return check_dataset(_absolute(path.strip()), recursive, skip_bad_files)
+
+    def delete_dataset(self, name: str) -> dict[str, Any]:
+        """Delete an uploaded dataset (a folder of datasets/; a link there is removed, not
+        followed), unless a run that is running trains on it."""
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise NoSuchDataset(name)
+        entry = self.datasets / name
+        if not os.path.lexists(entry):
+            raise NoSuchDataset(name)
+        real = _within(entry, self.datasets)
+        for run in _trained_on(self.list_runs(), real) if real is not None else []:
+            if run["status"] == "running":
+                raise ConfigError(
+                    f"the run {run['name']} is training on this dataset: stop it before "
+                    "deleting the dataset"
+                )
+        _remove(entry)
+        log.info("deleted dataset %s", name)
+        return {"deleted": name}
 
     def upload(self, dataset: str, filename: str, data: bytes) -> dict[str, Any]:
         name = safe_filename(dataset or "", default="dataset")
