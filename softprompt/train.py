@@ -321,14 +321,9 @@ def setup(
     lead = torch.tensor(lm.bos_ids, dtype=torch.long, device=lm.device) if n_bos else None
     block_size = block_size_for(cfg, lm.context_length, n_tokens, n_bos, lm.device.type)
     teacher, block_size = _teacher(cfg, lm, block_size)
-    check_resumable(
-        checkpoint,
-        cfg,
-        out,
-        texts.content_hash if texts else _sampled_hash(cfg, lm, teacher, block_size),
-        lm,
-        teacher=prefix_hash(teacher.prefix.tolist()) if teacher else None,
-    )
+    teacher_hash = prefix_hash(teacher.prefix.tolist()) if teacher else None
+    data_hash = texts.content_hash if texts else _sampled_hash(cfg, lm, teacher, block_size)
+    check_resumable(checkpoint, cfg, out, data_hash, lm, teacher_hash)  # same data, model, ...
     if ranks.main:
         check_free_space(out, n_tokens, lm.embed_dim)
     data = _blocks(cfg, lm, ranks, texts, teacher, block_size)
@@ -357,7 +352,7 @@ def setup(
         "dataset_hash": data.content_hash,
         "model": lm.source,
         "bos_ids": lm.bos_ids,
-        "teacher": prefix_hash(teacher.prefix.tolist()) if teacher else None,
+        "teacher": teacher_hash,
         "total_steps": plan.total_steps,
         "world_size": ranks.world,
         "samples_per_step": plan.samples_per_step,
