@@ -84,7 +84,9 @@ def test_control_characters_are_escaped_in_toml(char, tmp_path):
     """A control character written raw makes the file invalid TOML (or, for a carriage
     return, changes the line structure): each is written as an escape."""
     text = to_toml({"name": f"a{char}b", "description": char})
-    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", text) and text.count("\n") == 4  # 2 comment lines, 2 options
+    assert (
+        not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", text) and text.count("\n") == 4
+    )  # 2 comment lines, 2 options
     path = tmp_path / "c.toml"
     path.write_text(text, encoding="utf-8")
     assert read_toml(path) == {"name": f"a{char}b", "description": char}

@@ -336,7 +336,9 @@ def test_the_server_serves_a_distilled_soft_prompt_as_any_other(models, tmp_path
     with Server(lm, tmp_path / "s", "distilled.zip", port=0) as srv:
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
         body = {"prompt": "Mrs. Bennet", "max_length": 5, "temperature": 0, "rep_pen": 1}
-        conn.request("POST", "/api/v1/generate", json.dumps(body), {"Content-Type": "application/json"})
+        conn.request(
+            "POST", "/api/v1/generate", json.dumps(body), {"Content-Type": "application/json"}
+        )
         answer = json.loads(conn.getresponse().read())
     want = generate(lm, "Mrs. Bennet", result.soft_prompt, temperature=0, max_new_tokens=5,
                     repetition_penalty=1.0)  # fmt: skip
