@@ -126,7 +126,8 @@ class TrainConfig:
     )
     init: str | None = _opt(
         None,
-        "how to initialise the soft prompt (default: text when --init-text is given, else vocab)",
+        "how to initialise the soft prompt (default: text when --init-text is given, or the "
+        "written prompt's first tokens with --teacher-prompt; else vocab)",
         INITS,
         "soft prompt",
     )
