@@ -390,6 +390,13 @@ def teacher_blocks(
         pass
     from .generate import eos_ids
 
+    log.info(
+        "sampling %d continuations of %d tokens from the model with the written prompt in "
+        "front (once: later runs read them from %s)",
+        n,
+        block_size,
+        path.parent,
+    )
     blocks = sample_continuations(teacher, n, block_size, opts, sorted(eos_ids(lm)))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
