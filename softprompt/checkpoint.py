@@ -237,17 +237,42 @@ def check_output(out: Path, cfg: TrainConfig) -> dict | None:
 
 
 def check_resumable(
-    checkpoint: dict | None, cfg: TrainConfig, out: Path, dataset_hash: str, lm: LoadedModel
+    checkpoint: dict | None,
+    cfg: TrainConfig,
+    out: Path,
+    dataset_hash: str,
+    lm: LoadedModel,
+    teacher: str | None = None,
 ) -> None:
-    """Refuse to resume a checkpoint made on other data, another model, or another layout
-    (``--force`` resumes anyway), or one that --patience stopped."""
+    """Refuse to resume a checkpoint made on other data, another model, another layout or
+    another written prompt to distil (``teacher``: its hash) (``--force`` resumes anyway),
+    or one that --patience stopped."""
     if checkpoint is None or cfg.force:
         return
     check_stopped_early(checkpoint, cfg, out)
     model_source, bos_ids = lm.source, lm.bos_ids
-    if checkpoint["dataset_hash"] != dataset_hash:
+    saved_teacher = checkpoint.get("teacher")
+    if saved_teacher != teacher:
+        how = (
+            "without --teacher-prompt"
+            if saved_teacher is None
+            else "to distil a written prompt (--teacher-prompt)"
+            if teacher is None
+            else "to distil another written prompt"
+        )
         raise RunError(
-            f"--resume: the dataset {cfg.dataset} changed since the checkpoint in {out} was written; "
+            f"--resume: the checkpoint in {out} was trained {how}: pass the same "
+            "--teacher-prompt as before, or --force"
+        )
+    if checkpoint["dataset_hash"] != dataset_hash:
+        what = (
+            f"the dataset {cfg.dataset} changed"
+            if cfg.dataset
+            else "the text sampled from the written prompt is not the same (--teacher-samples, "
+            "--block-size, the sampling options or --seed changed)"
+        )
+        raise RunError(
+            f"--resume: {what} since the checkpoint in {out} was written; "
             "pass --force to resume on the new data anyway, or use another --output"
         )
     if checkpoint["model"] != model_source:

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -323,7 +324,7 @@ def add_generate(sub: Any) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import stream
+    from .generate import Progress, stream
     from .soft_prompt import SoftPrompt
 
     opts = from_args(GenerateOptions, args)
@@ -337,31 +338,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = read_prompt(opts)
     stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in opts.stop]
     sp = SoftPrompt.load(opts.softprompt) if opts.softprompt else None
+    runs = _generate_runs(opts, sp)
     lm = load_model_from_args(args)
     if sp is not None:  # before anything is printed
         sp.check_fits(lm.model, f"--softprompt {opts.softprompt}", lm.name)
-    runs = (
-        [(f"with the soft prompt ({sp.name})", sp), ("without", None)]
-        if opts.compare and sp is not None
-        else [("", sp)]
-    )
     n = opts.num_samples
     for i in range(n):
         sample = dataclasses.replace(options, seed=(options.seed + i) % 2**64)
-        for title, soft in runs:
+        for title, soft, written in runs:
             header = ", ".join(x for x in (f"sample {i + 1}" if n > 1 else "", title) if x)
             if header:
                 print(f"--- {header}", flush=True)
             if opts.echo:
                 sys.stdout.write(prompt)
+            t0, made = time.perf_counter(), Progress()
             try:
-                for piece in stream(lm, prompt, soft, sample, stop=stops):
+                for piece in stream(lm, written + prompt, soft, sample, stop=stops, progress=made):
                     sys.stdout.write(piece)
                     sys.stdout.flush()
             finally:  # an error's line, or the next sample, starts on a line of its own
                 sys.stdout.write("\n")
                 sys.stdout.flush()
+            if len(runs) > 1:
+                seconds = time.perf_counter() - t0
+                print(f"({made.tokens} tokens in {seconds:.2f} s)", file=sys.stderr, flush=True)
     return 0
+
+
+def _generate_runs(opts: GenerateOptions, sp) -> list[tuple[str, Any, str]]:
+    """(title, soft prompt, written prompt put before the prompt) of each continuation:
+    one, or with --compare the soft prompt's, its written prompt's (a distilled one, or
+    --teacher-prompt) and none's."""
+    from .evaluate import written_prompt_of
+
+    if not (opts.compare and sp is not None):
+        if opts.teacher_prompt:
+            raise ConfigError("--teacher-prompt goes with --compare: add --compare")
+        return [("", sp, "")]
+    runs = [(f"with the soft prompt ({sp.name})", sp, "")]
+    written = written_prompt_of(sp, opts.teacher_prompt)
+    if written is not None:
+        runs.append(("with the written prompt in front", None, written))
+    return runs + [("without", None, "")]
 
 
 # ----------------------------------------------------------------------------- eval

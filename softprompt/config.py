@@ -28,6 +28,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 LOSS_ON = ("completion", "all")
 DEFAULT_TOKENS = 20
+DEFAULT_DISTILL_WEIGHT = 1.0  # the KL alone; not yet measured against a mix (README, "Distilling")
+DEFAULT_TEACHER_SAMPLES = 64
 CPU_AUTO_BATCH = 4  # --batch-size auto on CPUs: see bench/batch_size.py
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes no more; numpy's generator no negative seed
 PATHS = ("dataset", "output", "model", "init_from", "cache_dir", "copy_to")  # name a path
@@ -143,7 +145,8 @@ class TrainConfig:
     )
     init: str | None = _opt(
         None,
-        "how to initialise the soft prompt (default: text when --init-text is given, else vocab)",
+        "how to initialise the soft prompt (default: text when --init-text is given, or the "
+        "written prompt's first tokens with --teacher-prompt; else vocab)",
         INITS,
         "soft prompt",
     )
@@ -159,6 +162,39 @@ class TrainConfig:
         "its length sets --tokens)",
         group="soft prompt",
         metavar="FILE",
+    )
+    # distillation
+    teacher_prompt: str | None = _opt(
+        None,
+        "a written prompt (text, or a UTF-8 file) to distil into the soft prompt: the loss "
+        "becomes the KL divergence to the model's predictions with this prompt in front "
+        "([BOS][written prompt][text]); without --dataset the text is sampled from the model "
+        "continuing it",
+        group="distillation",
+        metavar="TEXT_OR_FILE",
+    )
+    distill_weight: float = _opt(
+        DEFAULT_DISTILL_WEIGHT,
+        "with --teacher-prompt: the KL's share of the loss, the rest is cross-entropy on the "
+        "text (1: KL alone)",
+        group="distillation",
+        metavar="W",
+    )
+    teacher_samples: int = _opt(
+        DEFAULT_TEACHER_SAMPLES,
+        "with --teacher-prompt and no --dataset: continuations of the written prompt to "
+        "sample, one block each (made once, then read from the cache)",
+        group="distillation",
+        metavar="N",
+    )
+    teacher_temperature: float = _opt(
+        1.0, "temperature of those continuations", group="distillation", metavar="T"
+    )
+    teacher_top_p: float = _opt(
+        1.0,
+        "nucleus sampling mass of those continuations, 1 = off",
+        group="distillation",
+        metavar="P",
     )
     # optimisation
     max_steps: int | None = _opt(None, "optimizer steps to run (overrides --epochs)", metavar="N")
@@ -232,10 +268,11 @@ class TrainConfig:
                 problems.append(msg)
 
         if self.init is None:
-            self.init = "text" if self.init_text else "vocab"
+            self.init = "text" if self.init_text or self.teacher_prompt else "vocab"
         need(
-            self.dataset is not None,
-            "--dataset is required: give a .txt or .jsonl file or a folder of them",
+            self.dataset is not None or self.teacher_prompt is not None,
+            "--dataset is required: give a .txt or .jsonl file or a folder of them (or "
+            "--teacher-prompt to distil a written prompt on text sampled from it)",
         )
         need(
             self.output is not None,
@@ -288,8 +325,12 @@ class TrainConfig:
             "--patience counts validations: it needs --eval-every above 0 and a --val-fraction",
         )
         if self.init == "text":
-            need(bool(self.init_text), "--init text needs --init-text TEXT_OR_FILE")
+            need(
+                bool(self.init_text or self.teacher_prompt),
+                "--init text needs --init-text TEXT_OR_FILE",
+            )
         problems += self._text_problems() + self._combination_problems()
+        problems += self._distil_problems()
         if problems:
             raise ConfigError("; ".join(problems))
         return self
@@ -326,6 +367,30 @@ class TrainConfig:
             (
                 not (self.shard_model and self.quantize),
                 "--shard-model cannot shard a bitsandbytes-quantized model: use one of them",
+            ),
+        ]
+        return [msg for ok, msg in checks if not ok]
+
+    def _distil_problems(self) -> list[str]:
+        checks = [
+            (
+                math.isfinite(self.distill_weight) and 0.0 <= self.distill_weight <= 1.0,
+                "--distill-weight must be in [0, 1], e.g. 1 (KL alone) or 0.5",
+            ),
+            (
+                self.teacher_prompt is None or bool(self.teacher_prompt.strip()),
+                "--teacher-prompt is empty: give the written prompt's text or a file holding it",
+            ),
+            (self.teacher_samples >= 1, "--teacher-samples must be at least 1"),
+            (
+                math.isfinite(self.teacher_temperature) and self.teacher_temperature > 0,
+                "--teacher-temperature must be more than 0, e.g. 1",
+            ),
+            (0.0 < self.teacher_top_p <= 1.0, "--teacher-top-p must be in (0, 1], e.g. 1"),
+            (
+                not (self.teacher_prompt and self.shard_model),
+                "--teacher-prompt does not work with --shard-model yet: train without "
+                "--shard-model (data-parallel torchrun works)",
             ),
         ]
         return [msg for ok, msg in checks if not ok]
@@ -480,8 +545,10 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
         return str(p.resolve()) if p.exists() or not must_exist else value
 
     changes = {name: absolute(getattr(cfg, name), name == "model") for name in PATHS}
-    if cfg.init_text and len(cfg.init_text) < 4096 and "\n" not in cfg.init_text:
-        changes["init_text"] = absolute(cfg.init_text, True)  # a path, when a file is there
+    for name in ("init_text", "teacher_prompt"):  # text, or a path when a file is there
+        value = getattr(cfg, name)
+        if value and len(value) < 4096 and "\n" not in value:
+            changes[name] = absolute(value, True)
     changes.pop("output")
     return dataclasses.replace(cfg, **changes)
 

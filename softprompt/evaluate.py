@@ -22,7 +22,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .data import Rows, Split, read_dataset, split_rows, tokenize_dataset
+from .data import Rows, Split, read_dataset, split_blocks, split_rows, tokenize_dataset
+from .distil import (
+    Teacher,
+    distil_loss,
+    kl_fraction,
+    read_written_prompt,
+    sampling_options,
+    teacher_blocks,
+    written_prompt_ids,
+)
 from .errors import ConfigError, DataError
 from .loss import loss_sums
 from .loss import perplexity as _perplexity
@@ -37,10 +46,11 @@ DEFAULT_MAX_BLOCKS = 64
 class Variant:
     """One way of prefixing the blocks, and its score."""
 
-    key: str  # soft_prompt, none, init_text
+    key: str  # soft_prompt, none, init_text; distilled: written, written_cut
     label: str
     prefix_tokens: int
     loss: float
+    kl: float | None = None  # nats per token to the model with the written prompt in front
     perplexity: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -81,14 +91,31 @@ class EvalResult:
             out["variants"][v.key] = d
         return out
 
+    @property
+    def gap_closed(self) -> float | None:
+        """Distilled: the fraction of the KL gap between no prompt and the written prompt
+        that the soft prompt closes."""
+        kl = {v.key: v.kl for v in self.variants if v.kl is not None}
+        if not {"soft_prompt", "none", "written"} <= set(kl):
+            return None
+        return kl_fraction(kl["none"], kl["soft_prompt"], kl["written"])
+
     def table(self) -> str:
         """A plain-text table, one row per variant."""
         base = self["none"].loss if any(v.key == "none" for v in self.variants) else None
         width = max(len(v.label) for v in self.variants)
-        lines = [f"{'':{width}}  {'loss':>7}  {'perplexity':>10}  {'vs none':>8}"]
+        has_kl = any(v.kl is not None for v in self.variants)
+        kl_head = f"  {'KL to the written prompt':>24}" if has_kl else ""
+        lines = [f"{'':{width}}  {'loss':>7}  {'perplexity':>10}  {'vs none':>8}{kl_head}"]
         for v in self.variants:
             delta = "" if base is None or v.key == "none" else f"{v.loss - base:+.4f}"
-            lines.append(f"{v.label:{width}}  {v.loss:7.4f}  {v.perplexity:10.2f}  {delta:>8}")
+            kl = f"  {v.kl:24.4f}" if v.kl is not None else ""
+            lines.append(f"{v.label:{width}}  {v.loss:7.4f}  {v.perplexity:10.2f}  {delta:>8}{kl}")
+        if (gap := self.gap_closed) is not None:
+            lines.append(
+                f"the soft prompt closes {gap:.0%} of the KL gap between no prompt and the "
+                "written prompt"
+            )
         first, bos = (1, ", after the BOS token") if self.bos else (2, "")
         if self.examples:
             n, texts = self.examples, self.n_blocks - self.examples
@@ -142,15 +169,22 @@ def compare_blocks(
     ids = init_text_ids(lm, soft_prompt) if soft_prompt is not None else None
     if ids:
         rows.append(("init_text", f"init text as a prompt ({len(ids)} tokens)", none, bos + ids))
-    first = 0 if bos else 1
+    return _score_rows(lm, rows, blocks, batch_size)
+
+
+def _check_fits(lm: LoadedModel, label: str, n_prefix: int, block_size: int) -> None:
+    if n_prefix + block_size > lm.context_length:
+        raise ConfigError(
+            f"--block-size {block_size} plus the {label} exceeds the model's context of "
+            f"{lm.context_length}: use --block-size {lm.context_length - n_prefix} or less"
+        )
+
+
+def _score_rows(lm: LoadedModel, rows, blocks: Rows, batch_size: int):
+    first = 0 if lm.bos_ids else 1
     variants, count = [], 0
     for key, label, prefix, lead in rows:
-        n_prefix = prefix.shape[0] + len(lead)
-        if n_prefix + blocks.width > lm.context_length:
-            raise ConfigError(
-                f"--block-size {blocks.width} plus the {label} exceeds the model's context of "
-                f"{lm.context_length}: use --block-size {lm.context_length - n_prefix} or less"
-            )
+        _check_fits(lm, label, prefix.shape[0] + len(lead), blocks.width)
         lead_ids = torch.tensor(lead, dtype=torch.long) if lead else None
         total, count = loss_sums(
             lm.model,
@@ -161,8 +195,67 @@ def compare_blocks(
             lead=lead_ids,
             first=first,
         )
-        prefix_tokens = prefix.shape[0] + len(lead) - len(bos)
+        prefix_tokens = prefix.shape[0] + len(lead) - len(lm.bos_ids)
         variants.append(Variant(key, label, prefix_tokens, total / count))
+    return variants, count
+
+
+def written_prompt_of(soft_prompt: SoftPrompt | None, given: str | None = None) -> str | None:
+    """The written prompt a soft prompt was distilled from: ``given`` (text or a file),
+    else what its metadata records; None for a soft prompt trained on data alone."""
+    if given:
+        return read_written_prompt(given)
+    distil = soft_prompt.meta.get("distil") if soft_prompt is not None else None
+    text = distil.get("teacher_prompt") if isinstance(distil, dict) else None
+    return text if isinstance(text, str) and text.strip() else None
+
+
+def distil_blocks(
+    lm: LoadedModel,
+    soft_prompt: SoftPrompt | None,
+    written: str,
+    blocks: np.ndarray,
+    batch_size: int = 4,
+) -> tuple[list[Variant], int]:
+    """Score ``blocks`` (N, T) with the soft prompt, the written prompt, the written prompt
+    cut to the soft prompt's length (the fair baseline: as much context) and no prompt:
+    the cross-entropy and the KL to the model with the whole written prompt in front, the
+    teacher, whose predictions are computed once per block (its cache) for every row."""
+    if blocks.ndim != 2 or blocks.shape[1] < 2 or not len(blocks):
+        raise DataError("evaluation needs at least one block of at least 2 tokens")
+    prefix = written_prompt_ids(lm, written)
+    bos, ids = lm.bos_ids, prefix[len(lm.bos_ids) :]
+    teacher = Teacher(lm.model, prefix, lm.device)
+    none = torch.zeros(0, lm.embed_dim)
+    rows: list[tuple[str, str, torch.Tensor, list[int]]] = []
+    n = 0
+    if soft_prompt is not None:
+        soft_prompt.check_fits(lm.model)
+        n = soft_prompt.n_tokens
+        rows.append(("soft_prompt", f"soft prompt ({n} tokens)", soft_prompt.tensor, bos))
+    rows.append(("written", f"written prompt ({len(ids)} tokens)", none, prefix))
+    if 0 < n < len(ids):
+        rows.append(("written_cut", f"written prompt cut to {n} tokens", none, bos + ids[:n]))
+    rows.append(("none", "no prompt", none, bos))
+    first = 0 if bos else 1
+    t = torch.from_numpy(np.ascontiguousarray(blocks))
+    variants, count = [], 0
+    for key, label, soft, lead in rows:
+        _check_fits(lm, label, soft.shape[0] + len(lead), blocks.shape[1])
+        lead_ids = torch.tensor(lead, dtype=torch.long, device=lm.device) if lead else None
+        sums, count = np.zeros(2), 0
+        for i in range(0, len(t), batch_size):
+            batch = t[i : i + batch_size].to(lm.device)
+            with torch.no_grad():
+                states = teacher.states(batch, keep=True)
+                r = distil_loss(lm.model, soft.to(lm.device), batch, states, 1.0, lead_ids)
+            keep = len(r.kl) // len(batch)
+            skip = first - (batch.shape[1] - keep)
+            for j, part in enumerate((r.ce, r.kl)):
+                sums[j] += part.view(len(batch), keep)[:, skip:].double().sum().item()
+            count += len(batch) * (batch.shape[1] - first)
+        loss, kl = sums / count
+        variants.append(Variant(key, label, soft.shape[0] + len(lead) - len(bos), loss, kl))
     return variants, count
 
 
@@ -186,7 +279,7 @@ def check_options(
 def evaluate(
     lm: LoadedModel,
     soft_prompt: SoftPrompt | None,
-    dataset: str | os.PathLike,
+    dataset: str | os.PathLike | None,
     *,
     block_size: int | None = None,
     max_blocks: int = DEFAULT_MAX_BLOCKS,
@@ -195,6 +288,7 @@ def evaluate(
     batch_size: int = 4,
     recursive: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    teacher_prompt: str | None = None,
 ) -> EvalResult:
     """Loss and perplexity of the text files in ``dataset`` with and without the soft prompt.
 
@@ -202,14 +296,47 @@ def evaluate(
     gives the same file order). With ``val_fraction`` > 0 only the blocks a training run with
     that fraction (and ``max_blocks`` as its --val-max-blocks) held out are scored; with 0, the
     last ``max_blocks`` blocks of the dataset.
+
+    A soft prompt distilled from a written prompt (or any, given ``teacher_prompt``) is
+    scored against it (``distil_blocks``: rows for the written prompt, cut and whole, and a
+    KL column); with no ``dataset``, on the held-out part of the text its training sampled
+    from the written prompt (sampled again, or read from the cache).
     """
+    check_options(block_size, max_blocks, val_fraction, batch_size)
+    written = written_prompt_of(soft_prompt, teacher_prompt)
+    if dataset is None:
+        return _evaluate_sampled(lm, soft_prompt, written, batch_size, cache_dir)
+    rows, size = _dataset_rows(
+        lm, soft_prompt, written, dataset, block_size, max_blocks, val_fraction, seed,
+        recursive, cache_dir,
+    )  # fmt: skip
+    if written is not None:
+        if rows.ids:
+            raise ConfigError(
+                f"dataset {dataset} holds examples: a distilled soft prompt is scored against "
+                "its written prompt on text (.txt files) only"
+            )
+        variants, count = distil_blocks(lm, soft_prompt, written, rows.blocks, batch_size)
+    else:
+        variants, count = compare_blocks(lm, soft_prompt, rows, batch_size)
+    return EvalResult(
+        variants, count, len(rows), size, str(dataset), bool(lm.bos_ids), len(rows.ids)
+    )
+
+
+def _dataset_rows(
+    lm, soft_prompt, written, dataset, block_size, max_blocks, val_fraction, seed, recursive,
+    cache_dir,
+) -> tuple[Rows, int]:  # fmt: skip
+    """The rows of ``dataset`` to score, and the block size."""
     from .plan import default_block_size
 
-    check_options(block_size, max_blocks, val_fraction, batch_size)
     texts = read_dataset(dataset, recursive)
     n_prefix = soft_prompt.n_tokens if soft_prompt is not None else 0
     if soft_prompt is not None:
         n_prefix = max(n_prefix, len(init_text_ids(lm, soft_prompt) or []))
+    if written is not None:
+        n_prefix = max(n_prefix, len(written_prompt_ids(lm, written)) - len(lm.bos_ids))
     size = block_size or default_block_size(
         lm.context_length, n_prefix + len(lm.bos_ids), lm.device.type
     )
@@ -217,11 +344,7 @@ def evaluate(
         texts, lm.tokenizer, cache_dir, eos_id=lm.eos_token_id, bos_ids=lm.bos_ids
     )
     split = split_rows(corpus, lm.eos_token_id, size, seed, val_fraction, max_blocks)
-    rows = _scored_rows(split, str(dataset), size, val_fraction, max_blocks)
-    variants, count = compare_blocks(lm, soft_prompt, rows, batch_size)
-    return EvalResult(
-        variants, count, len(rows), size, str(dataset), bool(lm.bos_ids), len(rows.ids)
-    )
+    return _scored_rows(split, str(dataset), size, val_fraction, max_blocks), size
 
 
 def _scored_rows(
@@ -247,3 +370,37 @@ def _scored_rows(
             f"{size} tokens: nothing is held out at --val-fraction"
         )
     return split.val
+
+
+def _evaluate_sampled(
+    lm: LoadedModel,
+    soft_prompt: SoftPrompt | None,
+    written: str | None,
+    batch_size: int,
+    cache_dir: str | os.PathLike | None,
+) -> EvalResult:
+    """A soft prompt distilled on text sampled from its written prompt, scored on the part
+    of that text its training held out (the same samples: from the cache, or made again)."""
+    distil = soft_prompt.meta.get("distil") if soft_prompt is not None else None
+    sampled = distil.get("samples") if isinstance(distil, dict) else None
+    if written is None or not isinstance(sampled, dict):
+        raise ConfigError(
+            "eval needs --dataset: this soft prompt was not distilled on text sampled from "
+            "a written prompt"
+        )
+    try:
+        n, size = int(sampled["n"]), int(sampled["block_size"])
+        opts = sampling_options(
+            float(sampled["temperature"]), float(sampled["top_p"]), int(sampled["seed"])
+        )
+        fraction, most = float(sampled["val_fraction"]), int(sampled["val_max_blocks"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(
+            "eval needs --dataset: this soft prompt's record of its sampled text is incomplete"
+        ) from None
+    teacher = Teacher(lm.model, written_prompt_ids(lm, written), lm.device)
+    blocks, _, _ = teacher_blocks(lm, teacher, n, size, opts, cache_dir)
+    held_out = split_blocks(blocks, fraction, most)[1] if fraction > 0 else blocks[-most:]
+    variants, count = distil_blocks(lm, soft_prompt, written, held_out, batch_size)
+    what = f"{len(held_out)} held-out continuations of the written prompt, sampled from the model"
+    return EvalResult(variants, count, len(held_out), size, what, bool(lm.bos_ids))

@@ -274,6 +274,7 @@ def stream(
     *,
     stop: Sequence[str] = (),
     cancel: Cancel | None = None,
+    progress: Progress | None = None,
     **changes,
 ) -> Iterator[str]:
     """The continuation of ``prompt`` as text pieces, as they are generated, sampled with
@@ -285,7 +286,7 @@ def stream(
         stop = [stop]
     soft = soft_tensor(lm, soft_prompt)
     prompt_ids = encode_prompt(lm, prompt, soft.shape[0], opts.max_new_tokens)
-    yield from stream_text(lm, prompt_ids, soft, opts, stop=stop, cancel=cancel)
+    yield from stream_text(lm, prompt_ids, soft, opts, stop=stop, cancel=cancel, progress=progress)
 
 
 def generate(

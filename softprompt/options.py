@@ -44,7 +44,15 @@ class GenerateOptions:
     )
     num_samples: int = option(1, "samples to generate", "N", flags=("-n", "--num-samples"))
     compare: bool = option(
-        False, "print the continuation with and then without the soft prompt, same seed"
+        False,
+        "print the continuation with and then without the soft prompt, same seed (a "
+        "distilled soft prompt: also with its written prompt in front, and the time each took)",
+    )
+    teacher_prompt: str | None = option(
+        None,
+        "with --compare: the written prompt to compare with (text or a file; default: the "
+        "one a distilled soft prompt records)",
+        "TEXT_OR_FILE",
     )
     echo: bool = option(True, "print the prompt before the new text")
 
@@ -55,11 +63,12 @@ class EvalOptions:
 
     model: str | None = option(None, MODEL_HELP)
     softprompt: str = option(None, SOFTPROMPT_HELP, "FILE", required=True)
-    dataset: str = option(
+    dataset: str | None = option(
         None,
-        "a .txt or .jsonl file or a folder of them (examples: only their completions are scored)",
+        "a .txt or .jsonl file or a folder of them (examples: only their completions are "
+        "scored; a soft prompt distilled on text sampled from its written prompt: default, "
+        "the part of that text its training held out)",
         "PATH",
-        required=True,
     )
     recursive: bool = option(False, "also read .txt and .jsonl files in sub-folders")
     block_size: int | None = option(
@@ -76,10 +85,25 @@ class EvalOptions:
     seed: int = option(1729, "file order, as in training")
     batch_size: int = option(4, "blocks per forward pass", "N")
     json: bool = option(False, "print the results as JSON")
+    teacher_prompt: str | None = option(
+        None,
+        "score against this written prompt (text or a file): rows with it, cut to the soft "
+        "prompt's length and whole, and the KL to it (default: the one a distilled soft "
+        "prompt records)",
+        "TEXT_OR_FILE",
+    )
 
     def evaluate_kwargs(self) -> dict[str, Any]:
         """The keywords of ``softprompt.evaluate.evaluate`` these options set."""
-        keys = ("block_size", "max_blocks", "val_fraction", "seed", "batch_size", "recursive")
+        keys = (
+            "block_size",
+            "max_blocks",
+            "val_fraction",
+            "seed",
+            "batch_size",
+            "recursive",
+            "teacher_prompt",
+        )
         return {k: getattr(self, k) for k in keys}
 
 

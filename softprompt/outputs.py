@@ -11,6 +11,7 @@ from typing import Any
 
 from . import __version__
 from .config import TrainConfig
+from .distil import read_written_prompt
 from .errors import RunError
 from .fileio import atomic_write, check_copy_target, safe_filename
 from .formats import kobold, native
@@ -74,8 +75,37 @@ def soft_prompt_meta(cfg: TrainConfig, lm: LoadedModel) -> dict[str, Any]:
     if cfg.init_from:
         meta["init_from"] = Path(cfg.init_from).name
     elif cfg.init == "text":
-        meta["init_text"] = read_init_text(cfg.init_text)
+        meta["init_text"] = init_text(cfg)
+    if cfg.teacher_prompt:
+        meta["distil"] = distil_meta(cfg)
     meta["softprompt_version"] = __version__
+    return meta
+
+
+def init_text(cfg: TrainConfig) -> str:
+    """The text of --init text: --init-text, else the written prompt being distilled."""
+    if cfg.init_text or not cfg.teacher_prompt:
+        return read_init_text(cfg.init_text)
+    return read_written_prompt(cfg.teacher_prompt)
+
+
+def distil_meta(cfg: TrainConfig) -> dict[str, Any]:
+    """What a distilled soft prompt records about its teacher, for ``eval`` and
+    ``generate --compare`` (and, trained on sampled text, to sample the same text again)."""
+    meta: dict[str, Any] = {
+        "teacher_prompt": read_written_prompt(cfg.teacher_prompt),
+        "distill_weight": cfg.distill_weight,
+    }
+    if cfg.dataset is None:
+        meta["samples"] = {
+            "n": cfg.teacher_samples,
+            "block_size": cfg.block_size,
+            "temperature": cfg.teacher_temperature,
+            "top_p": cfg.teacher_top_p,
+            "seed": cfg.seed,
+            "val_fraction": cfg.val_fraction,
+            "val_max_blocks": cfg.val_max_blocks,
+        }
     return meta
 
 
@@ -94,7 +124,7 @@ def copy_target(cfg: TrainConfig) -> Path | None:
     """Where --copy-to puts the zip, checked before training: RunError if that cannot be."""
     if not cfg.copy_to:
         return None
-    name = zip_name(cfg.name or default_name(cfg.dataset))
+    name = zip_name(cfg.name or default_name(cfg.dataset, cfg.teacher_prompt))
     ours = Path(cfg.output).expanduser() / name  # a run extended: its earlier zip was copied
     target = Path(cfg.copy_to).expanduser() / name
     replaces_ours = ours.is_file() and target.is_file() and ours.read_bytes() == target.read_bytes()

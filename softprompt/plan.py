@@ -24,6 +24,7 @@ MIN_USEFUL_BLOCK = 64  # a shorter block teaches too little context to suggest i
 # hundreds of kilobytes to megabytes of text (20,000 tokens is about 80 KB of English).
 SMALL_DATASET_TOKENS = 20_000
 VALIDATIONS_PER_RUN = 10  # unset --eval-every: enough points for a loss curve
+TEACHER_STORE_SHARE = 4  # keep the teacher's states for the training blocks in 1/4 of free memory
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,16 @@ def decide_compile(uncompiled_seconds: float, device_type: str, spread: bool) ->
     return device_type == "cpu" and not spread and uncompiled_seconds > COMPILE_AFTER_S
 
 
+def decide_teacher_store(need_bytes: int, passes: float, free_bytes: int | None) -> bool:
+    """Distillation: keep the teacher's states for every training block (computed once, up
+    front) rather than compute them at each step, when the blocks come round more than once
+    (else storing saves nothing: each is computed once either way) and they take at most a
+    quarter of the free memory."""
+    return (
+        passes > 1.0 and free_bytes is not None and need_bytes <= free_bytes / TEACHER_STORE_SHARE
+    )
+
+
 def estimate_seconds(plan: Plan, step_seconds: float) -> float:
     """Time left: the steps, plus validations (a validation batch costs about a third of a
     training micro-batch: no backward pass)."""
@@ -261,7 +272,14 @@ def estimate_seconds(plan: Plan, step_seconds: float) -> float:
     return step_seconds * steps + eval_seconds * n_evals
 
 
-def default_name(dataset: str) -> str:
+def default_name(dataset: str | None, teacher_prompt: str | None = None) -> str:
+    """A run's name: its dataset's (file stem or folder name); distilling a written prompt
+    without a dataset, the prompt file's stem, or "distilled"."""
+    if dataset is None:
+        p = Path(teacher_prompt or "").expanduser()
+        return (
+            p.stem if teacher_prompt and "\n" not in teacher_prompt and p.is_file() else "distilled"
+        )
     p = Path(dataset).expanduser()
     return (p.stem if p.is_file() else p.resolve().name) or "softprompt"
 
@@ -274,7 +292,7 @@ def resolved_config(
         cfg,
         tokens=plan.n_tokens,
         block_size=plan.block_size,
-        name=cfg.name or default_name(cfg.dataset),
+        name=cfg.name or default_name(cfg.dataset, cfg.teacher_prompt),
         batch_size=plan.batch_size,
         grad_accum=plan.grad_accum,
         checkpointing=checkpointing,

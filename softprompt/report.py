@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 SAMPLE_PROMPT_TOKENS = 32
 SAMPLE_NEW_TOKENS = 40
 SAMPLE_OPTIONS = SamplingOptions(temperature=0.0, repetition_penalty=1.1)  # greedy: reproducible
+REPORT_DISTIL_BLOCKS = 16  # held-out blocks scored against the written prompt
 
 
 def loss_series(records: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
@@ -58,7 +59,9 @@ def trailing_mean(values, k: int) -> np.ndarray:
     return (c[i] - c[lo]) / (i - lo)
 
 
-def plot_losses(records: list[dict], title: str = "") -> bytes:
+def plot_losses(
+    records: list[dict], title: str = "", ylabel: str = "cross-entropy (nats / token)"
+) -> bytes:
     """The loss curve as PNG bytes. Uses matplotlib's object API with the Agg canvas: no
     pyplot, no global backend switch, nothing shown on screen."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -87,7 +90,7 @@ def plot_losses(records: list[dict], title: str = "") -> bytes:
             steps, losses, "o-", color="#d2561e", linewidth=2, markersize=5, label="validation loss"
         )
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title or "soft prompt training")
     ax.grid(True, alpha=0.3)
     if train or val:
@@ -164,8 +167,42 @@ def _fence(text: str) -> str:
     return f"{fence}text\n{text}\n{fence}"
 
 
+def distil_table(lm: LoadedModel, result: TrainResult, val_blocks: np.ndarray | Rows) -> list[str]:
+    """A distilled soft prompt's rows against its written prompt on the held-out text blocks
+    (at most REPORT_DISTIL_BLOCKS of them), as Markdown lines; none for other runs."""
+    from .evaluate import EvalResult, distil_blocks, written_prompt_of
+
+    written = written_prompt_of(result.soft_prompt)
+    if isinstance(val_blocks, Rows):  # distillation trains on text blocks only
+        val_blocks = val_blocks.blocks
+    blocks = val_blocks[:REPORT_DISTIL_BLOCKS]
+    if written is None or not len(blocks):
+        return []
+    variants, count = distil_blocks(lm, result.soft_prompt, written, blocks)
+    ev = EvalResult(variants, count, len(blocks), blocks.shape[1], bos=bool(lm.bos_ids))
+    lines = [
+        "## Against the written prompt",
+        "",
+        f"{len(blocks)} held-out blocks, {count:,} tokens per row; the KL is to the model's "
+        "predictions with the whole written prompt in front.",
+        "",
+        "| prompt | loss | KL to the written prompt |",
+        "| --- | ---: | ---: |",
+    ]
+    lines += [f"| {v.label} | {v.loss:.4f} | {_fmt(v.kl, '.4f')} |" for v in variants]
+    if (gap := ev.gap_closed) is not None:
+        lines += ["", f"The soft prompt closes **{gap:.0%}** of the KL gap between no prompt "
+                  "and the written prompt."]  # fmt: skip
+    return lines + [""]
+
+
 def render(
-    result: TrainResult, lm: LoadedModel, examples: list[dict], curve: str | None, n_val_blocks: int
+    result: TrainResult,
+    lm: LoadedModel,
+    examples: list[dict],
+    curve: str | None,
+    n_val_blocks: int,
+    distilled: list[str] | None = None,
 ) -> str:
     """The report as Markdown."""
     cfg, sp = result.config, result.soft_prompt
@@ -176,7 +213,8 @@ def render(
         "",
         f"- model: {lm.name} ({lm.device.type}, {str(lm.dtype).removeprefix('torch.')})",
         f"- soft prompt: {sp.n_tokens} tokens, init {sp.meta.get('init', cfg.init)}",
-        f"- dataset: {cfg.dataset}; blocks of {cfg.block_size} tokens, {n_val_blocks} held out for validation",
+        f"- dataset: {cfg.dataset or 'text sampled from the written prompt'}; blocks of "
+        f"{cfg.block_size} tokens, {n_val_blocks} held out for validation",
         f"- training: {result.steps} steps, {result.tokens_seen:,} tokens seen in {_duration(result.seconds)} "
         f"({_fmt(speed, ',.0f')} tokens/s)",
         "",
@@ -188,6 +226,7 @@ def render(
     ]
     if curve:
         lines += [f"![loss curve]({curve})", ""]
+    lines += distilled or []
     if examples:
         lines += [
             "## Samples",
@@ -228,7 +267,15 @@ def write_report(
     out = Path(out)
     curve: str | None = None
     try:
-        png = plot_losses(result.metrics, f"{result.soft_prompt.name}: loss")
+        cfg = result.config
+        ylabel = (
+            "cross-entropy (nats / token)"
+            if not cfg.teacher_prompt
+            else "KL to the written prompt (nats / token)"
+            if cfg.distill_weight == 1
+            else f"{cfg.distill_weight:g} x KL + {1 - cfg.distill_weight:g} x cross-entropy"
+        )
+        png = plot_losses(result.metrics, f"{result.soft_prompt.name}: loss", ylabel)
     except ImportError:
         log.warning(
             "note: matplotlib is not installed, so report.md has no loss curve "
@@ -244,5 +291,6 @@ def write_report(
         samples(lm, result.soft_prompt, sample_rows(lm, val_blocks)) if len(val_blocks) else []
     )
     path = out / REPORT_FILE
-    write_text(path, render(result, lm, examples, curve, len(val_blocks)))
+    distilled = distil_table(lm, result, val_blocks)
+    write_text(path, render(result, lm, examples, curve, len(val_blocks), distilled))
     return path

@@ -160,7 +160,9 @@ def resolve_tokens(cfg, tokenizer, checkpoint: dict | None, init_sp: SoftPrompt 
         return init_sp.n_tokens
     if cfg.tokens:
         return cfg.tokens
-    if cfg.init == "text":
+    if cfg.init == "text" and (cfg.init_text or not cfg.teacher_prompt):
+        # a written prompt to distil is the init text, but does not set the length: a soft
+        # prompt as long as it would save nothing
         text = read_init_text(cfg.init_text)
         return max(1, len(tokenizer(text, add_special_tokens=False)["input_ids"]))
     return DEFAULT_TOKENS

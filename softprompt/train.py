@@ -38,25 +38,56 @@ from .checkpoint import (
     mtj_resume_step,
 )
 from .config import PATHS, TrainConfig, absolute_paths, decisions, saved_options, to_toml
-from .data import BatchSampler, Corpus, Rows, Split, read_dataset, split_rows, tokenize_dataset
+from .data import (
+    BatchSampler,
+    Corpus,
+    Rows,
+    Split,
+    TextDataset,
+    read_dataset,
+    split_blocks,
+    split_rows,
+    tokenize_dataset,
+)
+from .distil import (
+    SAMPLED_BLOCK,
+    Teacher,
+    fit_block_size,
+    prefix_hash,
+    read_written_prompt,
+    sample_key,
+    sampling_options,
+    teacher_blocks,
+    written_prompt_ids,
+)
 from .errors import ConfigError, RunError, SoftPromptError
 from .fileio import copy_file, format_bytes, write_text
 from .formats import load_any
-from .loss import block_loss, fused_head, loss_sums, perplexity
+from .loss import fused_head, perplexity
 from .model import LoadedModel, load_model, pick_device, pick_dtype
-from .outputs import Metrics, copy_target, soft_prompt_files, soft_prompt_meta, write_soft_prompt
+from .objective import CrossEntropy, Distillation, Objective
+from .outputs import (
+    Metrics,
+    copy_target,
+    init_text,
+    soft_prompt_files,
+    soft_prompt_meta,
+    write_soft_prompt,
+)
 from .plan import (
     Plan,
     block_size_for,
     check_rows,
     decide_checkpointing,
     decide_compile,
+    decide_teacher_store,
     estimate_seconds,
     make_plan,
     resolved_config,
     small_dataset_note,
 )
 from .runfiles import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, SOFTPROMPT_FILE, StatusFile
+from .sampling import SamplingOptions
 from .soft_prompt import SoftPrompt, init_tensor, resolve_tokens
 from .speed import (
     activation_bytes,
@@ -151,6 +182,7 @@ def _run(
         run = setup(_with_decisions(cfg), model, ranks, device, status)
         resolved = prepare(run)
         _open_output(run, absolute_paths(cfg), resolved)
+        run.objective.prepare(run.batches.rows.blocks, run.plan.batch_size)
         if run.checkpoint is None:
             val_before = val_latest = run.validate()
         else:  # a resumed run: the first and the latest validation of its earlier segments
@@ -215,6 +247,7 @@ class Run:
     identity: dict[str, Any]  # what a checkpoint of this run belongs to
     checkpoint: dict | None  # the one resumed from
     status: StatusFile
+    objective: Objective = field(default_factory=CrossEntropy)  # what the loop minimises
     metrics: Metrics = field(default_factory=lambda: Metrics(None, None))
     checkpointing: bool = False
     compiled: bool = False
@@ -237,7 +270,7 @@ class Run:
             n_batches = math.ceil(
                 math.ceil(len(self.val_blocks) / self.ranks.world) / self.plan.batch_size
             )
-        sums = loss_sums(
+        sums = self.objective.sums(
             self.net,
             self.state.soft.detach(),
             share,
@@ -247,10 +280,14 @@ class Run:
             n_batches=n_batches,
             filler=self.val_blocks[:1],
         )
-        total, count = distributed.sum_across(self.ranks, list(sums), self.lm.device)
-        loss = total / max(count, 1)
+        values = distributed.sum_across(self.ranks, list(sums.values()), self.lm.device)
+        summed = dict(zip(sums, values, strict=True))
+        count = max(summed.pop("tokens"), 1)
+        loss = summed.pop("loss") / count
         step = self.state.step
-        self.metrics.write({"step": step, "val_loss": loss, "val_ppl": perplexity(loss)})
+        record = {"step": step, "val_loss": loss, "val_ppl": perplexity(loss)}
+        # the objective's parts (distillation: val_kl, val_ce), per token
+        self.metrics.write({**record, **{f"val_{k}": v / count for k, v in summed.items()}})
         self.status.update(val_loss=loss)
         if not self.cfg.progress:  # without a bar, a line per validation shows the run is alive
             log.info("step %d/%d: validation loss %.4f", step, self.plan.total_steps, loss)
@@ -275,9 +312,8 @@ def setup(
     # only rank 0 reads the output folder (on several nodes it is rank 0's)
     checkpoint = distributed.broadcast(ranks, check_output(out, cfg) if ranks.main else None)
     copy_to = copy_target(cfg) if ranks.main else None
-    texts = read_dataset(cfg.dataset, cfg.recursive, cfg.skip_bad_files)  # fails in a second
+    texts = _read_dataset(cfg)  # read first: a problem there fails in a second
     lm = _load_model(cfg, model, ranks, device)
-    check_resumable(checkpoint, cfg, out, texts.content_hash, lm)  # same data, model, layout
     init_sp = load_init_from(cfg.init_from, lm) if checkpoint is None and cfg.init_from else None
     n_tokens = resolve_tokens(cfg, lm.tokenizer, checkpoint, init_sp)
     # every sequence is [soft prompt][BOS, when the tokenizer puts one first][block], as
@@ -285,13 +321,14 @@ def setup(
     n_bos = len(lm.bos_ids)
     lead = torch.tensor(lm.bos_ids, dtype=torch.long, device=lm.device) if n_bos else None
     block_size = block_size_for(cfg, lm.context_length, n_tokens, n_bos, lm.device.type)
+    teacher, block_size = _teacher(cfg, lm, block_size)
+    teacher_hash = prefix_hash(teacher.prefix.tolist()) if teacher else None
+    data_hash = texts.content_hash if texts else _sampled_hash(cfg, lm, teacher, block_size)
+    check_resumable(checkpoint, cfg, out, data_hash, lm, teacher_hash)  # same data, model, ...
     if ranks.main:
         check_free_space(out, n_tokens, lm.embed_dim)
-    with distributed.main_first(ranks):  # rank 0 writes the token cache, the others read it
-        corpus = tokenize_dataset(
-            texts, lm.tokenizer, cfg.cache_dir, eos_id=lm.eos_token_id, bos_ids=lm.bos_ids
-        )
-    split = _split(cfg, corpus, lm, block_size)
+    data = _data(cfg, lm, ranks, texts, teacher, block_size)
+    split = data.split
     wanted = cfg.batch_size
     if wanted == "auto":
         wanted = auto_batch_size(
@@ -312,12 +349,13 @@ def setup(
         row_tokens=split.train.mean_tokens,
         row_width=split.train.width,
     )
-    _log_setup(corpus, split, plan, lm, int(wanted), checkpoint, cfg.loss_on)
+    _log_setup(data, plan, lm, int(wanted), checkpoint, cfg.loss_on)
     state = _initial_state(cfg, lm, plan, ranks, checkpoint, init_sp)
     identity = {
-        "dataset_hash": corpus.content_hash,
+        "dataset_hash": data.content_hash,
         "model": lm.source,
         "bos_ids": lm.bos_ids,
+        "teacher": teacher_hash,
         "total_steps": plan.total_steps,
         "world_size": ranks.world,
         "samples_per_step": plan.samples_per_step,
@@ -336,8 +374,70 @@ def setup(
         identity=identity,
         checkpoint=checkpoint,
         status=status,
+        objective=_objective(teacher, cfg, plan, lm),
         copy_to=copy_to,
     )
+
+
+@dataclass
+class Data:
+    """The rows a run trains and validates on, what identifies them, and where they came
+    from: the dataset's ``corpus``, or (None) text sampled from the teacher, which
+    ``summary`` describes."""
+
+    split: Split
+    content_hash: str
+    corpus: Corpus | None = None
+    summary: str = ""
+
+
+def _read_dataset(cfg: TrainConfig) -> TextDataset | None:
+    """The dataset's files, read first (a problem there fails in a second); None without
+    --dataset. Distillation takes text blocks only: a dataset holding examples (pairs,
+    chats) is refused with --teacher-prompt."""
+    if not cfg.dataset:
+        return None
+    texts = read_dataset(cfg.dataset, cfg.recursive, cfg.skip_bad_files)
+    if cfg.teacher_prompt and texts.has_examples:
+        raise ConfigError(
+            f"dataset {cfg.dataset} holds examples (pairs or chats): --teacher-prompt distils "
+            "on text (.txt files) only; leave the examples out, or train without "
+            "--teacher-prompt"
+        )
+    return texts
+
+
+def _data(
+    cfg: TrainConfig,
+    lm: LoadedModel,
+    ranks: distributed.Ranks,
+    texts: TextDataset | None,
+    teacher: Teacher | None,
+    block_size: int,
+) -> Data:
+    """The dataset's rows (text blocks, examples); without a dataset, continuations of the
+    written prompt sampled from the teacher (made once, then read from the cache), as rows
+    of text blocks."""
+    if texts is None:
+        assert teacher is not None  # config.validate: no --dataset needs --teacher-prompt
+        opts = teacher_sampling(cfg)
+        with distributed.main_first(ranks):  # rank 0 samples and caches, the others read it
+            blocks, key, cached = teacher_blocks(
+                lm, teacher, cfg.teacher_samples, block_size, opts, cfg.cache_dir
+            )
+        train_blocks, val_blocks = split_blocks(blocks, cfg.val_fraction, cfg.val_max_blocks)
+        split = Split(Rows(train_blocks), Rows(val_blocks), 0, len(blocks), 0, 0)
+        summary = (
+            f"text sampled from the model continuing the written prompt: {len(blocks)} "
+            f"continuations of {block_size} tokens at temperature {opts.temperature:g}, top-p "
+            f"{opts.top_p:g}, seed {opts.seed}{' (from the cache)' if cached else ''}"
+        )
+        return Data(split, key, None, summary)
+    with distributed.main_first(ranks):  # rank 0 writes the token cache, the others read it
+        corpus = tokenize_dataset(
+            texts, lm.tokenizer, cfg.cache_dir, eos_id=lm.eos_token_id, bos_ids=lm.bos_ids
+        )
+    return Data(_split(cfg, corpus, lm, block_size), corpus.content_hash, corpus)
 
 
 def _split(cfg: TrainConfig, corpus: Corpus, lm: LoadedModel, block_size: int) -> Split:
@@ -362,6 +462,51 @@ def _split(cfg: TrainConfig, corpus: Corpus, lm: LoadedModel, block_size: int) -
         n_val=len(split.val),
     )
     return split
+
+
+def _teacher(cfg: TrainConfig, lm: LoadedModel, block_size: int) -> tuple[Teacher | None, int]:
+    """With --teacher-prompt: the teacher (the model with the written prompt in front) and
+    the block size that leaves room for the prompt in the context; else (None, block_size)."""
+    if not cfg.teacher_prompt:
+        return None, block_size
+    prefix = written_prompt_ids(lm, read_written_prompt(cfg.teacher_prompt))
+    if cfg.dataset is None and cfg.block_size is None:
+        block_size = min(block_size, SAMPLED_BLOCK)
+    size = fit_block_size(block_size, cfg.block_size is not None, len(prefix), lm.context_length)
+    return Teacher(lm.model, prefix, lm.device), size
+
+
+def teacher_sampling(cfg: TrainConfig) -> SamplingOptions:
+    """How the teacher's continuations are sampled (``distil.sampling_options``)."""
+    return sampling_options(cfg.teacher_temperature, cfg.teacher_top_p, cfg.seed)
+
+
+def _sampled_hash(cfg: TrainConfig, lm: LoadedModel, teacher, block_size: int) -> str:
+    return sample_key(
+        lm, teacher.prefix.tolist(), cfg.teacher_samples, block_size, teacher_sampling(cfg)
+    )
+
+
+def _objective(teacher: Teacher | None, cfg: TrainConfig, plan: Plan, lm: LoadedModel):
+    """Cross-entropy, or distillation with --teacher-prompt; the teacher's states for the
+    training blocks are stored when blocks come round more than once and they fit."""
+    if teacher is None:
+        return CrossEntropy()
+    passes = (plan.total_steps - plan.start_step) * plan.samples_per_step / plan.n_train
+    need = plan.n_train * teacher.block_bytes(plan.block_size)
+    store = decide_teacher_store(need, passes, free_memory(lm.device))
+    log.info(
+        "distilling a %d-token written prompt%s (its KV cache computed once), weight %g on "
+        "the KL; the teacher's predictions for the %d training blocks %s",
+        teacher.n_prefix - len(lm.bos_ids),
+        " after the BOS token" if lm.bos_ids else "",
+        cfg.distill_weight,
+        plan.n_train,
+        f"computed once and kept ({format_bytes(need)}), as each is seen {passes:.1f} times"
+        if store
+        else f"computed at each step (each block is seen {passes:.1f} times)",
+    )
+    return Distillation(teacher, cfg.distill_weight, store)
 
 
 def _load_model(
@@ -410,7 +555,12 @@ def _initial_state(
         soft_init = init_sp.tensor
     else:
         soft_init = init_tensor(
-            lm.model, lm.tokenizer, cfg.init, plan.n_tokens, cfg.init_text, cfg.seed
+            lm.model,
+            lm.tokenizer,
+            cfg.init,
+            plan.n_tokens,
+            init_text(cfg) if cfg.init == "text" else None,
+            cfg.seed,
         )
     soft_init = distributed.broadcast(ranks, soft_init.float().cpu())
     # a checkpoint brings its own schedule position; an mtj-softtuner run starts at its step
@@ -431,8 +581,7 @@ def _initial_state(
 
 
 def _log_setup(
-    corpus: Corpus,
-    split: Split,
+    data: Data,
     plan: Plan,
     lm: LoadedModel,
     wanted: int,
@@ -452,6 +601,31 @@ def _log_setup(
         )
     elif plan.batch_size < wanted:
         log.info("note: --batch-size lowered to %d, the number of training blocks", plan.batch_size)
+    _log_data(data, plan, loss_on)
+    log.info(
+        "model: %s on %s (%s), context %d, embedding width %d",
+        lm.name,
+        lm.device,
+        str(lm.dtype).removeprefix("torch."),
+        lm.context_length,
+        lm.embed_dim,
+    )
+
+
+def _log_data(data: Data, plan: Plan, loss_on: str) -> None:
+    """Where the rows came from and how many there are: the sampled text, the dataset's
+    text blocks, or its examples."""
+    corpus, split = data.corpus, data.split
+    if corpus is None:
+        log.info(
+            "%s -> %d blocks of %d (%d train, %d validation)",
+            data.summary,
+            split.n_blocks,
+            plan.block_size,
+            plan.n_train,
+            plan.n_val,
+        )
+        return
     if split.n_examples:
         _log_examples(corpus, split, plan, loss_on)
     else:
@@ -471,14 +645,6 @@ def _log_setup(
         log.info("skipped: %s", ", ".join(corpus.skipped))
     if not split.n_examples and (note := small_dataset_note(split.n_stream)) is not None:
         log.warning("%s", note)
-    log.info(
-        "model: %s on %s (%s), context %d, embedding width %d",
-        lm.name,
-        lm.device,
-        str(lm.dtype).removeprefix("torch."),
-        lm.context_length,
-        lm.embed_dim,
-    )
 
 
 def _log_examples(corpus: Corpus, split: Split, plan: Plan, loss_on: str) -> None:
@@ -537,6 +703,8 @@ def prepare(run: Run) -> TrainConfig:
     batch = run.batches.batch_with_mask(run.state.samples + run.mine)
     fused_head(lm.model)  # its one-off check of the model runs before any layer is compiled
     want_compile, step_seconds = cfg.compile, None
+    if want_compile is None and cfg.teacher_prompt:
+        want_compile = False  # the teacher's calls on its KV cache would recompile the layers
     if want_compile is None:  # unset: compile when the run is long enough to repay it
         step_seconds = _timed_check_step(run, batch)
         plain = step_seconds * (plan.total_steps - plan.start_step)
@@ -576,7 +744,7 @@ def prepare(run: Run) -> TrainConfig:
 
 def _check_step(run: Run, batch: tuple[torch.Tensor, torch.Tensor | None]) -> None:
     with activation_checkpointing(run.net, run.checkpointing):  # as in training: same memory
-        loss = block_loss(run.net, run.state.soft, batch[0], lead=run.lead, mask=batch[1])
+        loss = run.objective(run.net, run.state.soft, batch[0], lead=run.lead, mask=batch[1])
         if not math.isfinite(loss.item()):
             lm = run.lm
             raise RunError(
@@ -662,7 +830,7 @@ def fit(run: Run, val_loss: float | None) -> float:
             loss = 0.0
             for _ in range(plan.grad_accum):
                 batch, mask = run.batches.batch_with_mask(state.samples + run.mine)
-                part = block_loss(run.net, state.soft, batch, lead=run.lead, mask=mask)
+                part = run.objective(run.net, state.soft, batch, lead=run.lead, mask=mask)
                 part = part / plan.grad_accum
                 part.backward()
                 loss += part.item()

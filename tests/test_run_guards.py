@@ -4,6 +4,7 @@ would mix a checkpoint with another model."""
 from __future__ import annotations
 
 import collections
+import importlib
 import shutil
 
 import pytest
@@ -87,7 +88,8 @@ def test_space_needed_and_format_bytes():
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(
     tiny_models, corpus, tmp_path, capsys, monkeypatch
 ):
-    real = train_module.block_loss
+    objective = importlib.import_module("softprompt.objective")  # the training loss is its
+    real = objective.block_loss  # CrossEntropy's; validation sums with loss_sums
     calls = {"train": 0}
 
     def loss_goes_nan_at_step_3(model, soft, batch, **kw):
@@ -97,7 +99,7 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(
         calls["train"] += 1  # call 1 is the setup check, then one call per step
         return loss * float("nan") if calls["train"] >= 4 else loss
 
-    monkeypatch.setattr(train_module, "block_loss", loss_goes_nan_at_step_3)
+    monkeypatch.setattr(objective, "block_loss", loss_goes_nan_at_step_3)
     out = tmp_path / "out"
     code, _, err = run(
         capsys,

@@ -30,7 +30,9 @@ BASIC = [
     "batch_size",
     "block_size",
 ]
-GROUPS = ("data", "model", "soft prompt", "training", "run")
+GROUPS = ("data", "distillation", "model", "soft prompt", "training", "run")
+# options whose text is kept as typed, spaces and line breaks included
+VERBATIM = {"description", "teacher_prompt"}
 # each option's name on the page; the flag is kept in its help. An option not named here
 # (one added to TrainConfig later) shows its field name in words.
 LABELS = {
@@ -54,6 +56,11 @@ LABELS = {
     "init": "Initialise from",
     "init_text": "Starter text",
     "init_from": "Start from a soft prompt file",
+    "teacher_prompt": "Written prompt to distil",
+    "distill_weight": "KL's share of the loss",
+    "teacher_samples": "Sampled continuations",
+    "teacher_temperature": "Sampling temperature",
+    "teacher_top_p": "Sampling top-p",
     "max_steps": "Steps",
     "epochs": "Epochs",
     "batch_size": "Batch size",
@@ -138,7 +145,7 @@ def parse_options(raw: Any) -> dict[str, Any]:
                 elif kind in ("bool", "bool or auto"):
                     value = {"true": True, "false": False, "on": True, "off": False}[text.lower()]
                 else:
-                    value = text if name != "description" else value
+                    value = value if name in VERBATIM else text
             except (ValueError, KeyError):
                 kind_text = {"int or auto": "a number or auto", "bool or auto": "on or off"}.get(
                     kind, f"a {kind}"

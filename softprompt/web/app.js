@@ -104,6 +104,10 @@ function optionField(opt) {
     for (const c of opt.choices) {
       input.append(el("option", { value: c, text: c, selected: c === opt.default }));
     }
+  } else if (opt.name === "teacher_prompt") {
+    // a written prompt is paragraphs long: a text area (a .txt file's path works too)
+    input = el("textarea", { id, name: opt.name, rows: 6,
+      placeholder: "the written prompt to distil (memory, character card...), or a .txt file's path" });
   } else if (TEXTAREAS.has(opt.name)) {
     input = el("textarea", { id, name: opt.name, rows: 2,
       placeholder: opt.name === "init_text" ? "a few words in the style to learn, or a path to a .txt file" : "" });
@@ -155,7 +159,8 @@ function buildForm(options, groups) {
   for (const g of groups) {
     const inGroup = options.filter((o) => o.group === g && o.basic === null);
     if (!inGroup.length) continue;
-    more.append(fieldset(g.charAt(0).toUpperCase() + g.slice(1), inGroup));
+    const title = g === "distillation" ? "Written prompt to distil" : g.charAt(0).toUpperCase() + g.slice(1);
+    more.append(fieldset(title, inGroup));
   }
   host.append(more);
 }
