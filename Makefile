@@ -45,8 +45,9 @@ test-fast: $(DEV_STAMP)
 lint: $(DEV_STAMP)
 	$(PY) -m ruff check softprompt tests bench examples
 	$(PY) -m ruff format --check softprompt tests bench examples
+	$(PY) -m mypy
 
-# mypy, configured in pyproject.toml ([tool.mypy]); not yet part of `lint`.
+# mypy, configured in pyproject.toml ([tool.mypy]); `lint` runs it too.
 typecheck: $(DEV_STAMP)
 	$(PY) -m mypy
 

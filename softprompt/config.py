@@ -400,6 +400,13 @@ class TrainConfig:
         """How the frozen model is loaded: "8bit", "4bit" or None."""
         return "8bit" if self.load_in_8bit else "4bit" if self.load_in_4bit else None
 
+    @property
+    def output_dir(self) -> Path:
+        """--output as a path (``validate`` has made sure it is given)."""
+        if self.output is None:
+            raise ConfigError("--output is required: the folder for the results")
+        return Path(self.output).expanduser()
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -544,7 +551,9 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
         p = Path(value).expanduser()
         return str(p.resolve()) if p.exists() or not must_exist else value
 
-    changes = {name: absolute(getattr(cfg, name), name == "model") for name in PATHS}
+    changes: dict[str, Any] = {
+        name: absolute(getattr(cfg, name), name == "model") for name in PATHS
+    }
     for name in ("init_text", "teacher_prompt"):  # text, or a path when a file is there
         value = getattr(cfg, name)
         if value and len(value) < 4096 and "\n" not in value:

@@ -28,6 +28,7 @@ import torch
 
 from .engine import cache_kwarg
 from .errors import ConfigError
+from .hf_types import Model
 from .loss import _ChunkBuffers, _RowLosses, fused_head
 from .model import LoadedModel
 from .soft_prompt import PromptedModel, block_inputs, block_logits, lead_length, n_predicted
@@ -103,8 +104,8 @@ def prefix_hash(prefix_ids: list[int]) -> str:
 # ----------------------------------------------------------------------------- the teacher
 
 
-def _cache_kwarg(module: torch.nn.Module) -> str:
-    return cache_kwarg(type(module))
+def _cache_kwarg(module: Model) -> str:
+    return cache_kwarg(module.__class__)
 
 
 class Teacher:
@@ -114,7 +115,7 @@ class Teacher:
     runs once (``prefix_runs`` counts it); each batch runs only its tokens on a copy of the
     prompt's KV cache. ``store`` keeps blocks' states (on the CPU), looked up by content."""
 
-    def __init__(self, model: torch.nn.Module, prefix_ids: list[int], device: torch.device):
+    def __init__(self, model: Model, prefix_ids: list[int], device: torch.device):
         self.model = model.model if isinstance(model, PromptedModel) else model
         self.prefix = torch.tensor(prefix_ids, dtype=torch.long)
         self.device = device
@@ -278,7 +279,7 @@ def _distil_chunks(student, teacher, labels, weight, head, grad):
 
 
 def distil_loss(
-    model: torch.nn.Module,
+    model: Model,
     soft: torch.Tensor,
     block: torch.Tensor,
     teacher_states: torch.Tensor,

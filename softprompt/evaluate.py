@@ -75,6 +75,7 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         base = self["none"].loss if any(v.key == "none" for v in self.variants) else None
+        variants: dict[str, dict] = {}
         out = {
             "dataset": self.dataset,
             "blocks": self.n_blocks,
@@ -82,13 +83,13 @@ class EvalResult:
             "tokens_scored": self.tokens_scored,
             "bos": self.bos,
             "examples": self.examples,
-            "variants": {},
+            "variants": variants,
         }
         for v in self.variants:
             d = asdict(v)
             d.pop("key")
             d["delta_vs_none"] = None if base is None else v.loss - base
-            out["variants"][v.key] = d
+            variants[v.key] = d
         return out
 
     @property

@@ -125,7 +125,7 @@ def copy_target(cfg: TrainConfig) -> Path | None:
     if not cfg.copy_to:
         return None
     name = zip_name(cfg.name or default_name(cfg.dataset, cfg.teacher_prompt))
-    ours = Path(cfg.output).expanduser() / name  # a run extended: its earlier zip was copied
+    ours = cfg.output_dir / name  # a run extended: its earlier zip was copied
     target = Path(cfg.copy_to).expanduser() / name
     replaces_ours = ours.is_file() and target.is_file() and ours.read_bytes() == target.read_bytes()
     try:

@@ -190,7 +190,7 @@ def make_plan(
         start = int(checkpoint["step"])
         if start >= total:
             raise RunError(
-                f"--resume: the run in {Path(cfg.output).expanduser()} already reached step "
+                f"--resume: the run in {cfg.output_dir} already reached step "
                 f"{start} of {total}; raise --max-steps or --epochs to train further"
             )
     if mtj_step >= total:

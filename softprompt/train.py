@@ -308,7 +308,7 @@ def setup(
     status: StatusFile,
 ) -> Run:
     """Everything is checked and loaded; nothing is written yet."""
-    out = Path(cfg.output).expanduser()
+    out = cfg.output_dir
     # only rank 0 reads the output folder (on several nodes it is rank 0's)
     checkpoint = distributed.broadcast(ranks, check_output(out, cfg) if ranks.main else None)
     copy_to = copy_target(cfg) if ranks.main else None
@@ -557,7 +557,7 @@ def _initial_state(
         soft_init = init_tensor(
             lm.model,
             lm.tokenizer,
-            cfg.init,
+            cfg.init or "vocab",
             plan.n_tokens,
             init_text(cfg) if cfg.init == "text" else None,
             cfg.seed,
@@ -689,8 +689,9 @@ def prepare(run: Run) -> TrainConfig:
     time gives the estimate and (when --compile is not given) decides compiling. Returns the
     options as the run uses them."""
     cfg, plan, lm = run.cfg, run.plan, run.lm
-    run.checkpointing = cfg.checkpointing
-    if run.checkpointing is None:
+    if cfg.checkpointing is not None:
+        run.checkpointing = cfg.checkpointing
+    else:
         need, free = activation_bytes(lm.model, plan.positions), free_memory(lm.device)
         run.checkpointing = decide_checkpointing(need, free)
         log.info(
@@ -836,11 +837,13 @@ def fit(run: Run, val_loss: float | None) -> float:
                 loss += part.item()
                 state.samples += plan.batch_size * plan.world
             # average gradient and loss over the ranks; stop together if any rank was asked
-            loss, stopping = distributed.sync_step(run.ranks, state.soft.grad, loss, stop.requested)
+            grad = state.soft.grad
+            assert grad is not None  # backward() has run
+            loss, stopping = distributed.sync_step(run.ranks, grad, loss, stop.requested)
             grad_norm = _clip(state.soft, cfg.max_grad_norm)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise _diverged(run)
-            lr = state.scheduler.get_last_lr()[0]
+            lr = float(state.scheduler.get_last_lr()[0])
             state.optimizer.step()
             state.scheduler.step()
             state.optimizer.zero_grad(set_to_none=True)
@@ -891,7 +894,7 @@ def _clip(soft: torch.nn.Parameter, max_norm: float) -> float:
     """Clip the gradient to ``max_norm`` (0: no clipping); its norm before clipping."""
     if max_norm > 0:
         return torch.nn.utils.clip_grad_norm_([soft], max_norm).item()
-    return soft.grad.norm().item()
+    return 0.0 if soft.grad is None else soft.grad.norm().item()
 
 
 def _record_step(
