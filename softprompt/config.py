@@ -32,8 +32,15 @@ PATHS = ("dataset", "output", "model", "init_from", "cache_dir")  # options that
 SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _opt(default: Any, help: str, choices: tuple | None = None, group: str = "training") -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+def _opt(
+    default: Any,
+    help: str,
+    choices: tuple | None = None,
+    group: str = "training",
+    metavar: str | None = None,
+) -> Any:
+    meta = {"help": help, "choices": choices, "group": group, "metavar": metavar}
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -41,9 +48,11 @@ class TrainConfig:
     """Everything that decides a training run. Paths are kept as given (strings)."""
 
     # what to train on and where to put it
-    dataset: str | None = _opt(None, "a .txt file or a folder of .txt files", group="data")
+    dataset: str | None = _opt(
+        None, "a .txt file or a folder of .txt files", group="data", metavar="PATH"
+    )
     output: str | None = _opt(
-        None, "folder for the soft prompt, checkpoints and logs", group="data"
+        None, "folder for the soft prompt, checkpoints and logs", group="data", metavar="DIR"
     )
     recursive: bool = _opt(False, "also read .txt files in sub-folders", group="data")
     skip_bad_files: bool = _opt(
@@ -56,14 +65,16 @@ class TrainConfig:
         "tokens per training sequence, soft tokens excluded (default: the model's context "
         "minus the soft tokens, at most 512 on CPU, 2048 on GPU)",
         group="data",
+        metavar="N",
     )
     val_fraction: float = _opt(0.05, "fraction of blocks held out for validation", group="data")
-    val_max_blocks: int = _opt(64, "at most this many validation blocks", group="data")
+    val_max_blocks: int = _opt(64, "at most this many validation blocks", group="data", metavar="N")
     # the model
     model: str | None = _opt(
         None,
         "Hugging Face id, local folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)",
         group="model",
+        metavar="M",
     )
     device: str = _opt("auto", "cpu, cuda, cuda:N, mps or auto", group="model")
     dtype: str = _opt(
@@ -101,6 +112,7 @@ class TrainConfig:
         None,
         f"soft prompt length in tokens (default {DEFAULT_TOKENS}, or the init text's length)",
         group="soft prompt",
+        metavar="N",
     )
     init: str | None = _opt(
         None,
@@ -109,23 +121,28 @@ class TrainConfig:
         "soft prompt",
     )
     init_text: str | None = _opt(
-        None, "text (or a path to a text file) for --init text", group="soft prompt"
+        None,
+        "text (or a path to a text file) for --init text",
+        group="soft prompt",
+        metavar="TEXT_OR_FILE",
     )
     init_from: str | None = _opt(
         None,
         "start from this soft prompt file (any format softprompt reads; overrides --init, "
         "its length sets --tokens)",
         group="soft prompt",
+        metavar="FILE",
     )
     # optimisation
-    max_steps: int | None = _opt(None, "optimizer steps to run (overrides --epochs)")
-    epochs: float = _opt(1.0, "passes over the training blocks (fractional allowed)")
+    max_steps: int | None = _opt(None, "optimizer steps to run (overrides --epochs)", metavar="N")
+    epochs: float = _opt(1.0, "passes over the training blocks (fractional allowed)", metavar="X")
     batch_size: int | str = _opt(
         4,
         "blocks per micro-batch, per process under torchrun; auto: on a GPU the largest that "
         f"fits its memory (found by trying), on a CPU {CPU_AUTO_BATCH}",
+        metavar="N|auto",
     )
-    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step", metavar="N")
     lr: float = _opt(0.03, "peak learning rate")
     warmup: float = _opt(0.1, "fraction of steps for linear warmup (then cosine decay to 0.1 x lr)")
     weight_decay: float = _opt(0.0, "decoupled weight decay")
@@ -144,8 +161,13 @@ class TrainConfig:
         "(default: on a CPU, on when the training steps would take more than 2 minutes "
         "uncompiled; on a GPU, off)",
     )
-    eval_every: int = _opt(50, "steps between validation runs (0: only at start and end)")
-    save_every: int = _opt(50, "steps between checkpoints (0: only at the end)")
+    eval_every: int | None = _opt(
+        None,
+        "steps between validation runs (default: about 10 a run, so the loss curve has "
+        "points; 0: only at the start and the end)",
+        metavar="N",
+    )
+    save_every: int = _opt(50, "steps between checkpoints (0: only at the end)", metavar="N")
     seed: int = _opt(1729, "random seed (file order, batches, initialisation)")
     # the run itself
     resume: bool = _opt(
@@ -158,7 +180,10 @@ class TrainConfig:
         False, "overwrite a finished run in --output, or resume despite changes", group="run"
     )
     cache_dir: str | None = _opt(
-        None, "token cache folder (default: $SOFTPROMPT_CACHE or ~/.cache/softprompt)", group="run"
+        None,
+        "token cache folder (default: $SOFTPROMPT_CACHE or ~/.cache/softprompt)",
+        group="run",
+        metavar="DIR",
     )
     progress: bool = _opt(True, "show a progress bar", group="run")
     report: bool = _opt(
@@ -217,42 +242,50 @@ class TrainConfig:
             "--max-grad-norm must be 0 (off) or more (a finite number)",
         )
         need(0 <= self.seed <= MAX_SEED, f"--seed must be a whole number from 0 to {MAX_SEED}")
-        need(self.eval_every >= 0, "--eval-every must be 0 or more")
+        need(self.eval_every is None or self.eval_every >= 0, "--eval-every must be 0 or more")
         need(self.save_every >= 0, "--save-every must be 0 or more")
         if self.init == "text":
             need(bool(self.init_text), "--init text needs --init-text TEXT_OR_FILE")
+        problems += self._text_problems() + self._combination_problems()
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return self
+
+    def _text_problems(self) -> list[str]:
+        problems = []
         for name, value in self.to_dict().items():
             if not isinstance(value, str):
                 continue
             # config.toml is UTF-8: a lone surrogate (from a JSON "\ud800" or undecodable
             # command-line bytes) cannot be written to it
-            need(
-                not SURROGATE.search(value),
-                f"{flag(name)} is not valid Unicode text (it holds a lone surrogate)",
-            )
-            need(
-                name not in PATHS or "\0" not in value,
-                f"{flag(name)} holds a NUL character, which no path can hold",
-            )
-        need(
-            self.device_map in (None, *DEVICE_MAPS),
-            f"--device-map must be one of {', '.join(DEVICE_MAPS)} (got {self.device_map!r})",
-        )
-        need(
-            not (self.load_in_8bit and self.load_in_4bit),
-            "--load-in-8bit and --load-in-4bit exclude each other: pick one",
-        )
-        need(
-            not (self.shard_model and self.device_map),
-            "--shard-model (FSDP across processes) and --device-map (one process) exclude each other",
-        )
-        need(
-            not (self.shard_model and self.quantize),
-            "--shard-model cannot shard a bitsandbytes-quantized model: use one of them",
-        )
-        if problems:
-            raise ConfigError("; ".join(problems))
-        return self
+            if SURROGATE.search(value):
+                problems.append(
+                    f"{flag(name)} is not valid Unicode text (it holds a lone surrogate)"
+                )
+            if name in PATHS and "\0" in value:
+                problems.append(f"{flag(name)} holds a NUL character, which no path can hold")
+        return problems
+
+    def _combination_problems(self) -> list[str]:
+        checks = [
+            (
+                self.device_map in (None, *DEVICE_MAPS),
+                f"--device-map must be one of {', '.join(DEVICE_MAPS)} (got {self.device_map!r})",
+            ),
+            (
+                not (self.load_in_8bit and self.load_in_4bit),
+                "--load-in-8bit and --load-in-4bit exclude each other: pick one",
+            ),
+            (
+                not (self.shard_model and self.device_map),
+                "--shard-model (FSDP across processes) and --device-map (one process) exclude each other",
+            ),
+            (
+                not (self.shard_model and self.quantize),
+                "--shard-model cannot shard a bitsandbytes-quantized model: use one of them",
+            ),
+        ]
+        return [msg for ok, msg in checks if not ok]
 
     @property
     def quantize(self) -> str | None:
@@ -272,24 +305,42 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 PER_INVOCATION = {"resume", "force", "progress"}
 
 
-def _coerce(name: str, value: Any, source: str) -> Any:
-    """Check a value read from a TOML file against the field's type."""
-    f = FIELDS[name]
-    kind = f.type if isinstance(f.type, str) else str(f.type)
-    ok: bool
+def field_kind(f: dataclasses.Field) -> str:
+    """What an option (a field of TrainConfig, SamplingOptions or a command's options) holds,
+    from its annotation: "bool"; "bool or auto" (a bool left unset, None, lets the run
+    decide); "int"; "int or auto" (``int | str``: a number or "auto"); "float"; "ids" (a tuple
+    of whole numbers); "list" (of strings, given once each); else "str". ``| None`` only
+    means the option may be left unset."""
+    kind = str(f.type)
     if "bool" in kind:
+        return "bool or auto" if f.default is None else "bool"
+    if kind.startswith("tuple"):
+        return "ids"
+    if kind.startswith("list"):
+        return "list"
+    if "int" in kind:
+        return "int or auto" if "str" in kind else "int"
+    return "float" if "float" in kind else "str"
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Check a value read from a TOML file (or the page's form) against the field's type."""
+    f = FIELDS[name]
+    kind = field_kind(f)
+    ok: bool
+    if kind in ("bool", "bool or auto"):
         ok = isinstance(value, bool)
-    elif name == "batch_size" and value == "auto":
+    elif kind == "int or auto" and value == "auto":
         ok = True
-    elif "int" in kind:
+    elif kind in ("int", "int or auto"):
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif "float" in kind:
+    elif kind == "float":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     else:
         ok = isinstance(value, str)
     if not ok:
-        want = kind.replace(" | None", "")
+        want = str(f.type).replace(" | None", "")
         raise ConfigError(f"{source}: {name} must be a {want}, got {value!r}")
     return value
 

@@ -51,7 +51,7 @@ def find_text_files(path: str | os.PathLike, recursive: bool = False) -> tuple[P
         return root.parent, [root]
     if not root.is_dir():
         raise DataError(f"dataset path {root} is neither a file nor a folder")
-    found: list[Path] = []
+    files: list[Path] = []
     try:
         if recursive:
             # followlinks=False: a symlinked folder is not descended, so a symlink loop cannot hang.
@@ -59,18 +59,60 @@ def find_text_files(path: str | os.PathLike, recursive: bool = False) -> tuple[P
                 root, followlinks=False, onerror=_walk_error
             ):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                found.extend(Path(dirpath) / f for f in filenames if _is_txt(f))
+                files.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
         else:
-            found = [p for p in root.iterdir() if _is_txt(p.name) and p.is_file()]
+            files = [p for p in root.iterdir() if not p.name.startswith(".")]
+        files = [p for p in files if p.is_file()]
     except PermissionError as e:
         raise DataError(
             f"dataset folder {e.filename or root} cannot be read (permission denied)"
         ) from None
-    found = sorted(p for p in found if p.is_file())
+    found = sorted(p for p in files if _is_txt(p.name))
+    others = _by_extension(p for p in files if not _is_txt(p.name))
     if not found:
-        hint = "" if recursive else " (add --recursive to look in sub-folders)"
-        raise DataError(f"dataset folder {root} has no .txt files{hint}")
+        raise DataError(
+            f"dataset folder {root} has no .txt files{_no_text_hint(root, others, recursive)}"
+        )
+    if others:
+        log.info(
+            "note: skipped %s in %s that %s not .txt (%s): softprompt reads UTF-8 .txt files",
+            _count(sum(others.values()), "file"),
+            root,
+            "is" if sum(others.values()) == 1 else "are",
+            ", ".join(f"{n} {ext}" for ext, n in others.items()),
+        )
     return root, found
+
+
+def _by_extension(paths) -> dict[str, int]:
+    """How many files of each extension, most common first ("no extension" for none)."""
+    counts: dict[str, int] = {}
+    for p in paths:
+        ext = p.suffix.lower() or "no extension"
+        counts[ext] = counts.get(ext, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _no_text_hint(root: Path, others: dict[str, int], recursive: bool) -> str:
+    """What to do about a folder without .txt files: save its documents as text, or look in
+    its sub-folders when they hold some."""
+    if others:
+        kinds = ", ".join(f"{n} {ext}" for ext, n in others.items())
+        return f" (it has {kinds}): save them as UTF-8 .txt files"
+    if not recursive and any(_has_txt(d) for d in root.iterdir() if d.is_dir()):
+        return " (its sub-folders have some: add --recursive)"
+    return ": put the text to train on in .txt files there"
+
+
+def _has_txt(folder: Path) -> bool:
+    try:
+        return any(_is_txt(f) for _, _, files in os.walk(folder) for f in files)
+    except OSError:
+        return False
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _is_txt(name: str) -> bool:
@@ -93,7 +135,8 @@ def read_text(path: Path) -> str:
 def decode_text(raw: bytes, path: Path | str) -> str:
     if b"\x00" in raw:
         raise DataError(
-            f"dataset file {path} looks binary (it has NUL bytes): give UTF-8 text files"
+            f"dataset file {path} looks binary (it has NUL bytes): give UTF-8 text files, "
+            "or pass --skip-bad-files"
         )
     try:
         text = raw.decode("utf-8")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -31,7 +31,7 @@ def describe_prompt(
     info: dict[str, Any] = {
         "file": file,
         "format": fmt,
-        "format_description": getattr(FORMATS.get(fmt), "WHAT", None),
+        "format_description": FORMATS[fmt].WHAT if fmt in FORMATS else None,
         "name": sp.name,
         "meta": stored_meta(sp.meta),
         "n_tokens": sp.n_tokens,
@@ -72,7 +72,7 @@ def describe_prompt(
 def _output_space_table(emb: torch.nn.Module, n_vocab: int, chunk: int = 8192) -> torch.Tensor:
     """Every vocabulary vector as the embedding module outputs it (so a scale applied inside
     the module, e.g. Gemma's sqrt(d), is included), float32 on the CPU: (V, d)."""
-    device = emb.weight.device
+    device = cast(torch.Tensor, emb.weight).device
     parts = [
         emb(torch.arange(i, min(i + chunk, n_vocab), device=device)).float().cpu()
         for i in range(0, n_vocab, chunk)

@@ -311,5 +311,6 @@ def generate(
     return "".join(stream(lm, prompt, soft_prompt, options, **changes))
 
 
-# `softprompt.generate` is this function; `softprompt.generate.stream` is its streaming twin.
+# `softprompt.generate` is this module, called as this function (softprompt/__init__.py);
+# code that imported the function still finds its streaming twin as `generate.stream`.
 generate.stream = stream  # type: ignore[attr-defined]

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import importlib.util
 import io
+import json
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from .errors import ModelError
+from .fileio import file_lock
 from .speed import contiguous_head_input
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,9 @@ class LoadedModel:
     source: str  # what was asked for (path or hub id), resolved
     device: torch.device
     dtype: torch.dtype
+    # what to call the model in files shared with others: a hub id where one is known (from
+    # a folder's config or a .gguf's metadata), never a path on this machine
+    model_id: str = ""
 
     @property
     def embed_dim(self) -> int:
@@ -204,7 +209,7 @@ def _short_name(spec: str, path: Path | None) -> str:
         return spec
     if path.suffix == ".gguf":
         # "SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct"
-        return re.sub(r"[.-](I?Q\d\w*|[Ff]16|[Ff]32|[Bb][Ff]16)$", "", path.stem)
+        return re.sub(r"(?i)[.-](I?Q\d\w*|F16|F32|BF16)$", "", path.stem)
     return path.resolve().name
 
 
@@ -250,6 +255,43 @@ class ModelSource:
     def source(self) -> str:
         """What identifies the model for a resumed run: the hub id or the resolved path."""
         return self.spec if self.path is None else str(self.path.resolve())
+
+    def model_id(self) -> str:
+        """A name others can load the model by: the hub id itself; a folder's
+        ``_name_or_path`` when it is a hub id; for a .gguf, the repository its metadata
+        names, else its organization and name; else the short name. Never a local path."""
+        if self.path is None:
+            return self.spec
+        if self.path.is_dir():
+            try:
+                config = json.loads((self.path / "config.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError, RecursionError):
+                config = {}
+            named = config.get("_name_or_path") if isinstance(config, dict) else None
+            return named if isinstance(named, str) and HUB_ID.fullmatch(named) else self.name
+        return _gguf_model_id(self.path) or self.name
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the hub spells ids
+
+
+def _gguf_model_id(path: Path) -> str | None:
+    """owner/name from a .gguf's metadata: the repository of its first base model when
+    recorded, else ``general.organization`` with the file's model name."""
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(path)).fields
+        values = {k: fields[k].contents() for k in fields if k.startswith("general.")}
+    except Exception:  # an unreadable header: the short name will do
+        return None
+    url = values.get("general.base_model.0.repo_url")
+    if isinstance(url, str) and (m := re.search(r"huggingface\.co/([\w.-]+/[\w.-]+)", url)):
+        return m[1]
+    org = values.get("general.organization")
+    name = _short_name(str(path), path)
+    candidate = f"{org}/{name}" if isinstance(org, str) else ""
+    return candidate if HUB_ID.fullmatch(candidate) else None
 
 
 def find_model(spec: str | os.PathLike | None, dtype: torch.dtype) -> ModelSource:
@@ -318,9 +360,14 @@ def load_model(
     elif device_map:
         kwargs["device_map"] = device_map
     src = find_model(spec, dt)
-    model, tokenizer = _from_pretrained(src, kwargs, trust_remote_code)
-    if src.gguf_cache is not None:
-        save_gguf_cache(model, tokenizer, src.gguf_cache)
+    if src.gguf_cache is None:
+        model, tokenizer = _from_pretrained(src, kwargs, trust_remote_code)
+    else:  # a .gguf to convert: one process at a time, the others then load its dense copy
+        with file_lock(src.gguf_cache.with_name(src.gguf_cache.name + ".lock")):
+            src = find_model(spec, dt)
+            model, tokenizer = _from_pretrained(src, kwargs, trust_remote_code)
+            if src.gguf_cache is not None:
+                save_gguf_cache(model, tokenizer, src.gguf_cache)
     model.requires_grad_(False)
     model.eval()
     if "device_map" in kwargs:  # placed by accelerate: the soft prompt goes with the embeddings
@@ -329,7 +376,7 @@ def load_model(
         model.to(dev)
     contiguous_head_input(model)
     log.debug("loaded %s on %s as %s", src.name, dev, dt)
-    return LoadedModel(model, tokenizer, src.name, src.source, dev, dt)
+    return LoadedModel(model, tokenizer, src.name, src.source, dev, dt, src.model_id())
 
 
 def _from_pretrained(src: ModelSource, kwargs: dict, trust_remote_code: bool) -> tuple[Any, Any]:
@@ -455,7 +502,11 @@ def save_gguf_cache(model: torch.nn.Module, tokenizer, folder: Path) -> None:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            os.replace(tmp, folder)
+            try:
+                os.replace(tmp, folder)
+            except OSError:
+                if not (folder / COMPLETE).is_file():  # another process's copy is fine
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except (OSError, ValueError, RuntimeError) as e:

@@ -47,6 +47,10 @@ class Metrics:
         """The validation loss before training (a resumed run reads it back)."""
         return next((r["val_loss"] for r in self.records if "val_loss" in r), None)
 
+    def last_val_loss(self) -> float | None:
+        """The latest validation loss recorded."""
+        return next((r["val_loss"] for r in reversed(self.records) if "val_loss" in r), None)
+
 
 def layout_name(lm: LoadedModel) -> str:
     """How the soft prompt meets the text, as the file's metadata records it."""
@@ -61,7 +65,7 @@ def soft_prompt_meta(cfg: TrainConfig, lm: LoadedModel) -> dict[str, Any]:
         "description": cfg.description,
         "author": cfg.author,
         "supported": [lm.name],
-        "model": lm.source,
+        "model": lm.model_id or lm.name,  # portable: never this machine's path
         "init": "file" if cfg.init_from else cfg.init,
         "layout": layout_name(lm),
     }

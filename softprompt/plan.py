@@ -14,10 +14,16 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .errors import ConfigError, DataError, RunError
+from .formats.common import KOBOLD_MAX_TOKENS
 
 CPU_BLOCK_CAP, GPU_BLOCK_CAP = 512, 2048  # default tokens per block
 COMPILE_AFTER_S = 120  # CPU: compiling SmolLM2's layers took 20 s for steps 1.35x faster
 CHECKPOINTING_SHARE = 4  # checkpoint activations that would take over 1/4 of free memory
+MIN_USEFUL_BLOCK = 64  # a shorter block teaches too little context to suggest it as a fix
+# Less text than this rarely teaches a style: soft prompts for KoboldAI were trained on
+# hundreds of kilobytes to megabytes of text (20,000 tokens is about 80 KB of English).
+SMALL_DATASET_TOKENS = 20_000
+VALIDATIONS_PER_RUN = 10  # unset --eval-every: enough points for a loss curve
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class Plan:
     world: int  # ranks
     total_steps: int
     start_step: int  # 0; a checkpoint's step; an mtj-softtuner run's step
+    eval_every: int = 0  # steps between validations (0: only at the start and the end)
 
     @property
     def samples_per_step(self) -> int:
@@ -66,6 +73,11 @@ def block_size_for(
 ) -> int:
     """--block-size, or the default; ConfigError when the soft prompt and a block do not fit
     the model's context together."""
+    if n_tokens > KOBOLD_MAX_TOKENS:  # every run writes a KoboldAI zip: refuse it before
+        raise ConfigError(
+            f"--tokens {n_tokens}: KoboldAI loads soft prompts of at most {KOBOLD_MAX_TOKENS} "
+            f"tokens and every run writes a KoboldAI zip: use --tokens {KOBOLD_MAX_TOKENS} or fewer"
+        )
     if n_tokens + n_bos >= context:
         raise ConfigError(
             f"--tokens {n_tokens} must be less than the model's context of {context} tokens"
@@ -83,13 +95,32 @@ def block_size_for(
 
 def check_blocks(cfg: TrainConfig, n_stream: int, block_size: int, n_blocks: int) -> None:
     """DataError when the dataset does not fill the blocks a run needs (one to train, and
-    one to hold out unless --val-fraction is 0)."""
+    one to hold out unless --val-fraction is 0). A smaller --block-size is suggested only
+    while it stays useful."""
     need = 1 if cfg.val_fraction == 0 else 2
-    if n_blocks < need:
-        raise DataError(
-            f"dataset {cfg.dataset} has {n_stream} tokens, fewer than {need} block(s) of {block_size}: "
-            f"add text or lower --block-size (e.g. --block-size {max(2, n_stream // (need + 1))})"
-        )
+    if n_blocks >= need:
+        return
+    fits = n_stream // (need + 1)
+    fix = (
+        f"add text or lower --block-size (e.g. --block-size {fits})"
+        if fits >= MIN_USEFUL_BLOCK
+        else "add text: a soft prompt learns a style from tens of thousands of tokens or more"
+    )
+    raise DataError(
+        f"dataset {cfg.dataset} has {n_stream} tokens, fewer than {need} block(s) of "
+        f"{block_size}: {fix}"
+    )
+
+
+def small_dataset_note(n_tokens: int) -> str | None:
+    """A warning when the text is too little to learn a style from, else None."""
+    if n_tokens >= SMALL_DATASET_TOKENS:
+        return None
+    return (
+        f"warning: the dataset has only {n_tokens:,} tokens; a soft prompt learns a style from "
+        f"much more text (people train on hundreds of kilobytes to megabytes, {SMALL_DATASET_TOKENS:,} "
+        "tokens at the very least), so expect it to learn little but this text by heart"
+    )
 
 
 def make_plan(
@@ -131,7 +162,22 @@ def make_plan(
             f"--resume: {cfg.init_from} is already at step {mtj_step} of this run's {total}; "
             f"pass a larger --max-steps (e.g. --max-steps {mtj_step + total}) to train further"
         )
-    return Plan(n_tokens, n_bos, block_size, n_train, n_val, batch, grad_accum, world, total, start)
+    eval_every = cfg.eval_every
+    if eval_every is None:
+        eval_every = max(1, round(total / VALIDATIONS_PER_RUN))
+    return Plan(
+        n_tokens,
+        n_bos,
+        block_size,
+        n_train,
+        n_val,
+        batch,
+        grad_accum,
+        world,
+        total,
+        start,
+        eval_every,
+    )
 
 
 def fit_global_batch(
@@ -168,13 +214,13 @@ def decide_compile(uncompiled_seconds: float, device_type: str, spread: bool) ->
     return device_type == "cpu" and not spread and uncompiled_seconds > COMPILE_AFTER_S
 
 
-def estimate_seconds(plan: Plan, step_seconds: float, eval_every: int) -> float:
+def estimate_seconds(plan: Plan, step_seconds: float) -> float:
     """Time left: the steps, plus validations (a validation batch costs about a third of a
     training micro-batch: no backward pass)."""
     val_batches = math.ceil(plan.n_val / plan.batch_size / plan.world)
     eval_seconds = step_seconds / plan.grad_accum / 3 * val_batches
     steps = plan.total_steps - plan.start_step
-    n_evals = 2 + steps // eval_every if eval_every else 2
+    n_evals = 2 + steps // plan.eval_every if plan.eval_every else 2
     return step_seconds * steps + eval_seconds * n_evals
 
 

@@ -3,6 +3,9 @@
 The report holds the loss curve (train and validation against steps), validation loss and
 perplexity before and after, tokens seen, time, speed, and a few short continuations with and
 without the soft prompt, from prompts taken at the start of validation blocks.
+
+matplotlib, which draws the curve, is optional (``pip install 'softprompt[plot]'``): without
+it the report is written without the picture, with a note.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import io
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +41,21 @@ def loss_series(records: list[dict]) -> tuple[list[tuple[int, float]], list[tupl
     return train, val
 
 
+def smoothing_window(n: int) -> int:
+    """Steps averaged for the smoothed training curve: a tenth of the run, at least 3 (1, no
+    smoothing, below 5 points)."""
+    return 1 if n < 5 else max(3, n // 10)
+
+
+def trailing_mean(values, k: int) -> np.ndarray:
+    """Mean of each value and the k - 1 before it (fewer at the start)."""
+    x = np.asarray(values, dtype=np.float64)
+    c = np.concatenate([[0.0], np.cumsum(x)])
+    i = np.arange(1, len(x) + 1)
+    lo = np.maximum(0, i - k)
+    return (c[i] - c[lo]) / (i - lo)
+
+
 def plot_losses(records: list[dict], title: str = "") -> bytes:
     """The loss curve as PNG bytes. Uses matplotlib's object API with the Agg canvas: no
     pyplot, no global backend switch, nothing shown on screen."""
@@ -50,16 +68,16 @@ def plot_losses(records: list[dict], title: str = "") -> bytes:
     ax = fig.add_subplot(1, 1, 1)
     if train:
         steps, losses = zip(*train, strict=True)
-        ax.plot(steps, losses, color="#9ab8d8", linewidth=1, label="train loss (per step)")
-        if len(losses) >= 10:  # a moving average makes the trend readable
-            k = max(2, len(losses) // 20)
-            smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        k = smoothing_window(len(losses))
+        faint = "train loss (per step)" if k > 1 else "train loss"
+        ax.plot(steps, losses, color="#9ab8d8", linewidth=1, label=faint)
+        if k > 1:  # the per-step loss is noisy: a trailing mean shows the trend
             ax.plot(
-                steps[k - 1 :],
-                smooth,
+                steps,
+                trailing_mean(losses, k),
                 color="#1f5fa8",
-                linewidth=2,
-                label=f"train loss ({k}-step mean)",
+                linewidth=2.2,
+                label=f"train loss (mean of {k} steps)",
             )
     if val:
         steps, losses = zip(*val, strict=True)
@@ -83,8 +101,9 @@ def sample_prompts(
 ) -> list[str]:
     """The text of the first ``tokens`` tokens of the first ``n`` blocks."""
     out = []
+    tokenizer: Any = lm.tokenizer
     for block in blocks[:n]:
-        text = lm.tokenizer.decode([int(t) for t in block[:tokens]], skip_special_tokens=True)
+        text = tokenizer.decode([int(t) for t in block[:tokens]], skip_special_tokens=True)
         if text.strip():
             out.append(text)
     return out
@@ -127,10 +146,8 @@ def render(
 ) -> str:
     """The report as Markdown."""
     cfg, sp = result.config, result.soft_prompt
-    train_records = [r for r in result.metrics if "loss" in r]
-    speed = train_records[-1].get("tokens_per_s") if train_records else None
-    if speed is None and result.seconds > 0:
-        speed = result.tokens_seen / result.seconds
+    # over every segment of a resumed run, validations included
+    speed = result.tokens_seen / result.seconds if result.seconds > 0 else None
     lines = [
         f"# Soft prompt report: {sp.name}",
         "",
@@ -193,7 +210,8 @@ def write_report(
         png = plot_losses(result.metrics, f"{result.soft_prompt.name}: loss")
     except ImportError:
         log.warning(
-            "note: matplotlib is not installed, so report.md has no loss curve (pip install matplotlib)"
+            "note: matplotlib is not installed, so report.md has no loss curve "
+            "(pip install 'softprompt[plot]')"
         )
     except Exception as e:  # a plotting problem must not cost the finished run
         log.warning("note: could not draw the loss curve: %s", e)

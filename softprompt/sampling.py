@@ -34,13 +34,17 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from .config import MAX_SEED
 from .errors import ConfigError
 
-Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids (1, T), scores (1, V))
+if TYPE_CHECKING:  # torch is imported where a sampler is made: the options alone need none
+    import torch
+
+Processor = Callable[
+    ["torch.Tensor", "torch.Tensor"], "torch.Tensor"
+]  # (ids (1, T), scores (1, V))
 
 SAMPLER_NAMES = {
     0: "top-k",
@@ -232,6 +236,8 @@ def _check(name: str, value) -> str | None:
 
 
 def _ban(ids: list[int]) -> Processor:
+    import torch
+
     def ban(_ids, scores):
         return scores.index_fill(-1, torch.tensor(ids, device=scores.device), -math.inf)
 
@@ -243,6 +249,8 @@ def _temperature(t: float) -> Processor:
 
 
 def _top_a(a: float) -> Processor:
+    import torch
+
     def top_a(_ids, scores):
         probs = torch.softmax(scores, dim=-1)
         top = probs.max(dim=-1, keepdim=True).values
@@ -253,6 +261,8 @@ def _top_a(a: float) -> Processor:
 
 
 def _min_p(p: float) -> Processor:
+    import torch
+
     def min_p(_ids, scores):
         probs = torch.softmax(scores, dim=-1)
         top = probs.max(dim=-1, keepdim=True).values
@@ -262,6 +272,8 @@ def _min_p(p: float) -> Processor:
 
 
 def _tail_free(z: float) -> Processor:
+    import torch
+
     def tail_free(_ids, scores):
         out = scores.clone()
         for row, s in enumerate(scores):
@@ -283,6 +295,8 @@ def _tail_free(z: float) -> Processor:
 
 
 def _repetition(penalty: float, window: int, slope: float) -> Processor:
+    import torch
+
     # KoboldCpp keeps a window of exactly `window` tokens (padded with token 0 when the
     # context is shorter; the padding is not penalised here): its newer half gets the full
     # penalty, the older half the reduced one. A slope of 0 or from 1 up means no reduction.

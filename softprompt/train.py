@@ -62,6 +62,7 @@ from .plan import (
     estimate_seconds,
     make_plan,
     resolved_config,
+    small_dataset_note,
 )
 from .runfiles import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, SOFTPROMPT_FILE, StatusFile
 from .soft_prompt import SoftPrompt, init_tensor, resolve_tokens
@@ -158,8 +159,11 @@ def _run(
         run = setup(cfg, model, ranks, device, status)
         resolved = prepare(run)
         _open_output(run, resolved)
-        val_before = run.validate() if run.checkpoint is None else run.metrics.first_val_loss()
-        seconds = fit(run, val_before)
+        if run.checkpoint is None:
+            val_before = val_latest = run.validate()
+        else:  # a resumed run: the first and the latest validation of its earlier segments
+            val_before, val_latest = run.metrics.first_val_loss(), run.metrics.last_val_loss()
+        seconds = fit(run, val_latest)
         return finish(run, resolved, val_before, seconds)
 
 
@@ -313,7 +317,7 @@ def setup(
         checkpoint=checkpoint,
         mtj_step=mtj_step,
     )
-    _log_setup(corpus, len(blocks), plan, lm, int(wanted), checkpoint)
+    _log_setup(corpus, len(stream), len(blocks), plan, lm, int(wanted), checkpoint)
     state = _initial_state(cfg, lm, plan, ranks, checkpoint, init_sp)
     identity = {
         "dataset_hash": corpus.content_hash,
@@ -406,7 +410,9 @@ def _initial_state(
     return state
 
 
-def _log_setup(corpus, n_blocks: int, plan: Plan, lm: LoadedModel, wanted: int, checkpoint) -> None:
+def _log_setup(
+    corpus, n_stream: int, n_blocks: int, plan: Plan, lm: LoadedModel, wanted: int, checkpoint
+) -> None:
     if checkpoint is not None and int(checkpoint.get("world_size", 1)) != plan.world:
         log.info(
             "resuming a %d-rank run on %d rank%s: per-rank batch %d, accumulation %d, global "
@@ -434,6 +440,8 @@ def _log_setup(corpus, n_blocks: int, plan: Plan, lm: LoadedModel, wanted: int, 
     )
     if corpus.skipped:
         log.info("skipped: %s", ", ".join(corpus.skipped))
+    if (note := small_dataset_note(n_stream)) is not None:
+        log.warning("%s", note)
     log.info(
         "model: %s on %s (%s), context %d, embedding width %d",
         lm.name,
@@ -498,7 +506,7 @@ def prepare(run: Run) -> TrainConfig:
         plan.steps_per_epoch,
         cfg.lr,
         cfg.optimizer,
-        format_seconds(estimate_seconds(plan, step_seconds, cfg.eval_every)),
+        format_seconds(estimate_seconds(plan, step_seconds)),
     )
     return resolved_config(cfg, plan, run.checkpointing, want_compile)
 
@@ -600,8 +608,8 @@ def fit(run: Run, val_loss: float | None) -> float:
             elapsed = time.perf_counter() - t_start
             _record_step(run, loss, lr, grad_norm, tokens, elapsed)
             if (
-                cfg.eval_every
-                and state.step % cfg.eval_every == 0
+                plan.eval_every
+                and state.step % plan.eval_every == 0
                 and state.step < plan.total_steps
             ):
                 val_loss = run.validate()
@@ -635,7 +643,7 @@ def _record_step(
             "grad_norm": grad_norm,
             "tokens": state.samples * run.plan.block_size,
             "tokens_per_s": tokens / max(elapsed, 1e-9),
-            "elapsed_s": elapsed,
+            "elapsed_s": state.elapsed_before + elapsed,  # over every segment of the run
         }
     )
     run.status.update(step=state.step, elapsed_s=state.elapsed_before + elapsed)
@@ -708,7 +716,7 @@ def finish(
         val_loss_before=val_before,
         val_loss_after=val_after,
         tokens_seen=state.step * run.plan.tokens_per_step,
-        seconds=seconds,
+        seconds=state.elapsed_before + seconds,  # over every segment of a resumed run
         config=resolved,
         metrics=run.metrics.records,
     )

@@ -87,7 +87,7 @@ def test_resume_needs_only_the_output_folder(tiny_models, corpus, tmp_path, caps
         (["--dataset", "{tmp}/missing"], ["dataset path", "missing", "does not exist"]),
         (["--dataset", "{empty_dir}"], ["has no .txt files"]),
         (["--dataset", "{blank_files}"], ["no usable text"]),
-        (["--dataset", "{tiny_file}"], ["fewer than 2 block(s)", "--block-size"]),
+        (["--dataset", "{tiny_file}"], ["fewer than 2 block(s)", "add text"]),
         (["--output", "{a_file}"], ["--output", "is a file"]),
         (["--model", "{tmp}/nope"], ["model path", "does not exist"]),
         (["--model", "{tmp}/nope.gguf"], ["model path", "does not exist"]),

@@ -540,6 +540,29 @@ def test_registry_shape():
     assert peft_format.NAME == "peft"
 
 
+def test_every_format_module_is_a_format(tmp_path):
+    """Each module of the registry has what softprompt.formats.Format declares (and mypy
+    checks the types: FORMATS is a dict[str, Format]); WRITABLE says whether it has save,
+    FOLDER whether it is a folder (then it has no extension); the helpers read them."""
+    from softprompt.formats import Format, WritableFormat, listed, writable, writer
+
+    for name, m in FORMATS.items():
+        assert isinstance(m, Format), name
+        assert m.NAME == name and m.WHAT and isinstance(m.EXTENSIONS, tuple)
+        assert m.WRITABLE is hasattr(m, "save") is isinstance(m, WritableFormat), name
+        assert m.FOLDER is (m.EXTENSIONS == ()), name
+        assert all(e.startswith(".") and e == e.lower() for e in m.EXTENSIONS), name
+    assert writable() == ("kobold", "peft", "safetensors")
+    assert writer("peft") is peft_format
+    with pytest.raises(FormatError, match="use one of kobold, peft, safetensors"):
+        writer("mtjsp")
+    save(rand_prompt(), tmp_path / "a.zip")
+    save(rand_prompt(), tmp_path / "adapter")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "folder").mkdir()
+    assert {p.name for p in tmp_path.iterdir() if listed(p)} == {"a.zip", "adapter"}
+
+
 def test_init_from_width_mismatch_is_a_model_error(tiny_llama, tmp_path):
     from softprompt.train import load_init_from
 

@@ -103,7 +103,14 @@ def test_decisions():
 def test_estimate_counts_steps_and_validations():
     p = plan(cfg(max_steps=10, eval_every=5), n_val=8)  # 2 validation batches of 4
     # 10 steps of 3 s, and 2 + 10 // 5 = 4 validations of 2 batches at a third of a step
-    assert estimate_seconds(p, 3.0, 5) == pytest.approx(10 * 3 + 4 * 2 * 1.0)
+    assert estimate_seconds(p, 3.0) == pytest.approx(10 * 3 + 4 * 2 * 1.0)
+
+
+def test_about_ten_validations_a_run_unless_given():
+    assert plan(cfg(max_steps=300)).eval_every == 30
+    assert plan(cfg(max_steps=4)).eval_every == 1
+    assert plan(cfg(max_steps=300, eval_every=50)).eval_every == 50
+    assert plan(cfg(max_steps=300, eval_every=0)).eval_every == 0
 
 
 def test_resolved_config_records_the_decisions():

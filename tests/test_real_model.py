@@ -65,3 +65,33 @@ def test_converted_gguf_is_cached_and_loads_the_same(smollm, tmp_path, monkeypat
     with torch.no_grad():
         assert torch.equal(first.model(ids).logits, second.model(ids).logits)
     assert first.tokenizer("Mr. Darcy")["input_ids"] == second.tokenizer("Mr. Darcy")["input_ids"]
+
+
+def test_default_model_has_a_portable_name_and_no_bos(smollm):
+    """Files shared with others name the model by its hub id, never this machine's path;
+    SmolLM2's tokenizer puts no BOS token first, so its sequences are [soft][text]."""
+    assert smollm.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert smollm.bos_ids == []
+
+
+def test_two_commands_converting_the_same_gguf_at_once(tmp_path):
+    """Two processes on a fresh cache: one converts, the other waits and loads its copy;
+    neither fails or warns."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SOFTPROMPT_CACHE": str(tmp_path / "cache")}
+    code = "from softprompt import load_model; print(load_model(dtype='bfloat16').name)"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err.decode()
+        assert out.decode().strip() == "SmolLM2-135M-Instruct"
+        assert b"could not keep" not in err and b"Traceback" not in err
+    assert len([d for d in (tmp_path / "cache" / "models").iterdir() if d.is_dir()]) == 1

@@ -1,6 +1,9 @@
 """Checks every format shares: the largest soft prompt a file may claim, tensor sanity, safe
-zip and JSON reading, and the metadata keys a loader adds that describe the file rather than
-the prompt (never written back)."""
+zip and JSON reading, the metadata keys a loader adds that describe the file rather than the
+prompt (never written back), and ``loaded``, the tail every loader ends with.
+
+Nothing here (nor in the format modules) imports torch until a file is read or written, so
+the registry (``softprompt.formats.FORMATS``) costs no torch import."""
 
 from __future__ import annotations
 
@@ -13,11 +16,16 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..errors import FormatError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..soft_prompt import SoftPrompt
 
 log = logging.getLogger("softprompt")
 
@@ -66,6 +74,20 @@ def parse_json(data: bytes | str, where: str, expected: str) -> object:
         raise FormatError(
             f"{where} nests JSON too deeply to be read: expected {expected}"
         ) from None
+
+
+def read_json(path: Path, limit: int, expected: str) -> object:
+    """The JSON document in the file ``path``, refused when it holds more than ``limit`` bytes
+    (by its size before reading, and again while reading); ``expected`` names what it should
+    be, for the messages ("a PEFT adapter config")."""
+    size, data = path.stat().st_size, b""
+    if size <= limit:
+        with path.open("rb") as fh:
+            data = fh.read(limit + 1)
+        size = len(data)
+    if size > limit:
+        raise FormatError(f"{path} is {size} bytes, more than the {limit} allowed for {expected}")
+    return parse_json(data, str(path), expected)
 
 
 def stored_meta(meta: dict) -> dict:
@@ -149,6 +171,8 @@ def soft_prompt_tensor(tensor: torch.Tensor, where: str) -> tuple[torch.Tensor, 
     than its storage holds (one value expanded to (n, d) with stride 0): the shape is checked
     on that view, and only then is it copied out at full size. torch.load also rebuilds
     sparse tensors and data-less ``meta`` ones, which are no soft prompt."""
+    import torch
+
     if tensor.layout != torch.strided or tensor.device.type != "cpu":
         raise FormatError(
             f"{where}: the tensor has layout {tensor.layout} on device {tensor.device}; "
@@ -161,6 +185,43 @@ def soft_prompt_tensor(tensor: torch.Tensor, where: str) -> tuple[torch.Tensor, 
     tensor = tensor.detach().to(torch.float32).contiguous()
     check_tensor(tensor.numpy(), where)
     return tensor, file_dtype
+
+
+def loaded(
+    data: np.ndarray | torch.Tensor,
+    meta: dict[str, Any],
+    fmt: str,
+    where: str,
+    file_dtype: str | None = None,
+    *,
+    warn_length: bool = True,
+) -> SoftPrompt:
+    """The SoftPrompt a loader returns: ``data`` as read from the file, checked (2-D, not
+    empty, within the limits, finite) and made float32; the KoboldAI length warning; and
+    ``meta`` with the format's name and the file's dtype (see LOAD_KEYS).
+
+    ``data`` is a numpy array (``file_dtype`` then says what the file stored), a torch tensor
+    as read (``soft_prompt_tensor`` checks it and finds its dtype), or a tensor a loader has
+    already put through ``soft_prompt_tensor``, given with the ``file_dtype`` that returned."""
+    import torch
+
+    from ..soft_prompt import SoftPrompt
+
+    if isinstance(data, np.ndarray):
+        if file_dtype is None:
+            raise TypeError("loaded: give the file_dtype of a numpy array")
+        check_tensor(data, where)
+        tensor = torch.from_numpy(data.astype(np.float32, copy=False))
+    elif file_dtype is None:
+        tensor, file_dtype = soft_prompt_tensor(data, where)
+    else:
+        tensor = data
+    if warn_length:
+        warn_kobold_length(tensor.shape[0], where)
+    meta = dict(meta)
+    meta["format"] = fmt
+    meta["file_dtype"] = file_dtype
+    return SoftPrompt(tensor, meta)
 
 
 def warn_kobold_length(n_tokens: int, where: str) -> None:

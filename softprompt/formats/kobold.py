@@ -11,13 +11,12 @@ import json
 import math
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..errors import FormatError
 from ..fileio import atomic_write
-from ..soft_prompt import SoftPrompt
 from .common import (
     KOBOLD_MAX_TOKENS,
     MAX_TENSOR_BYTES,
@@ -26,24 +25,26 @@ from .common import (
     check_shape,
     check_tensor,
     check_zip,
+    loaded,
     member_info,
     parse_json,
     printable,
     read_member,
     stored_meta,
-    warn_kobold_length,
 )
 
-__all__ = ["NAME", "EXTENSIONS", "detect", "load", "save", "check_tensor", "read_npy", "load_npy"]
+if TYPE_CHECKING:
+    from ..soft_prompt import SoftPrompt
 
 NAME = "kobold"
-EXTENSIONS = (".zip",)
+EXTENSIONS: tuple[str, ...] = (".zip",)
+WRITABLE = True
+FOLDER = False
 MAX_TOKENS = KOBOLD_MAX_TOKENS
 MAX_META_BYTES = 1024 * 1024
 MAX_OTHER_BYTES = (
     16 * 1024 * 1024
 )  # entries a reader ignores (never read) still count toward a zip bomb
-META_KEYS = ("name", "description", "author", "supported")
 WHAT = "KoboldAI soft prompt zip (tensor.npy and meta.json)"
 
 
@@ -61,11 +62,6 @@ def detect(path: Path) -> bool:
 
 def _member(z: zipfile.ZipFile, name: str, limit: int, path: Path) -> bytes:
     return read_member(z, name, limit, path, "KoboldAI soft prompt zip")
-
-
-def read_npy(data: bytes, where: str) -> np.ndarray:
-    """A float32 or float16 array from .npy bytes (bfloat16 ``V2`` becomes float32)."""
-    return load_npy(io.BytesIO(data), len(data), where)[0]
 
 
 def load_npy(fh, size: int, where: str, what: str = "tensor.npy") -> tuple[np.ndarray, str]:
@@ -116,15 +112,16 @@ def load(path: Path) -> SoftPrompt:
         with zipfile.ZipFile(path) as z:
             check_zip(z, path, MAX_TENSOR_BYTES + MAX_META_BYTES + MAX_OTHER_BYTES)
             arr, file_dtype = read_tensor(z, "tensor.npy", path, "KoboldAI soft prompt zip")
-            meta = {}
+            meta: dict = {}
             if "meta.json" in z.namelist():
-                meta = parse_json(
+                doc = parse_json(
                     _member(z, "meta.json", MAX_META_BYTES, path),
                     f"{path}: meta.json",
                     "a JSON object with the name, description, author and supported models",
                 )
-                if not isinstance(meta, dict):
+                if not isinstance(doc, dict):
                     raise FormatError(f"{path}: meta.json is not a JSON object")
+                meta = doc
     except (
         zipfile.BadZipFile,
         zipfile.LargeZipFile,
@@ -134,12 +131,7 @@ def load(path: Path) -> SoftPrompt:
         *ZIP_DATA_ERRORS,
     ) as e:
         raise FormatError(f"{path} is not a readable zip file ({printable(e)})") from None
-    check_tensor(arr, str(path))
-    warn_kobold_length(arr.shape[0], str(path))
-    meta = dict(meta)
-    meta["format"] = NAME
-    meta["file_dtype"] = file_dtype
-    return SoftPrompt(torch.from_numpy(arr.astype(np.float32, copy=False)), meta)
+    return loaded(arr, meta, NAME, str(path), file_dtype)
 
 
 def meta_json(sp: SoftPrompt) -> dict:

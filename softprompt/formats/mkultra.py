@@ -17,25 +17,28 @@ import collections
 import io
 import pickle
 from pathlib import Path
-
-import torch
-import torch._utils
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError
-from ..soft_prompt import SoftPrompt
 from .common import (
     MAX_TENSOR_BYTES,
     holds_code,
-    parse_json,
+    loaded,
     printable,
-    soft_prompt_tensor,
+    read_json,
     torch_load,
     torch_load_reason,
-    warn_kobold_length,
 )
 
+if TYPE_CHECKING:
+    import torch
+
+    from ..soft_prompt import SoftPrompt
+
 NAME = "mkultra"
-EXTENSIONS = (".json",)
+EXTENSIONS: tuple[str, ...] = (".json",)
+WRITABLE = False
+FOLDER = False
 MAX_FILE_BYTES = MAX_TENSOR_BYTES * 3 // 2  # base64 makes 3 bytes 4; metadata is small
 WHAT = 'mkultra soft prompt (JSON with "metadata" and a base64 "tensor")'
 
@@ -47,6 +50,8 @@ class UnsafePickle(Exception):
 def _load_storage(blob: bytes):
     """Stands in for ``torch.storage._load_from_bytes``, which calls torch.load without
     weights_only: the legacy torch.save stream of one storage, read the safe way."""
+    import torch
+
     if not isinstance(blob, (bytes, bytearray)):
         raise UnsafePickle("a storage that is not bytes")
     try:
@@ -62,14 +67,30 @@ def _load_storage(blob: bytes):
 
 def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
     # an nn.Parameter pickles as one of these around a tensor; the plain tensor is all we need
+    import torch
+
     if not isinstance(data, torch.Tensor):
         raise UnsafePickle("a parameter without a tensor")
     return data
 
 
+def _rebuild_tensor_v2(*args: Any) -> torch.Tensor:
+    """torch._utils._rebuild_tensor_v2 (torch is imported when a pickle asks for it)."""
+    import torch._utils
+
+    return torch._utils._rebuild_tensor_v2(*args)
+
+
+def _rebuild_tensor(*args: Any) -> torch.Tensor:
+    """torch._utils._rebuild_tensor, the older pickles' way."""
+    import torch._utils
+
+    return torch._utils._rebuild_tensor(*args)
+
+
 ALLOWED = {
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _load_storage,
@@ -92,6 +113,8 @@ class TensorUnpickler(pickle.Unpickler):
 
 def unpickle_tensor(data: bytes, where: str) -> torch.Tensor:
     """A tensor from ``pickle.dumps(tensor)`` bytes, without running anything else."""
+    import torch
+
     try:
         obj = TensorUnpickler(io.BytesIO(data)).load()
     except UnsafePickle as e:
@@ -119,12 +142,7 @@ def detect(path: Path) -> bool:
 
 
 def load(path: Path) -> SoftPrompt:
-    size = path.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise FormatError(
-            f"{path} is {size} bytes, more than the {MAX_FILE_BYTES} allowed for an {WHAT}"
-        )
-    doc = parse_json(path.read_bytes(), str(path), f"an {WHAT}")
+    doc = read_json(path, MAX_FILE_BYTES, f"an {WHAT}")
     if not isinstance(doc, dict) or not isinstance(doc.get("tensor"), str):
         raise FormatError(f'{path} has no base64 "tensor" string: expected an {WHAT}')
     try:
@@ -132,15 +150,15 @@ def load(path: Path) -> SoftPrompt:
     except (binascii.Error, ValueError) as e:
         raise FormatError(f'{path}: "tensor" is not valid base64 ({e})') from None
     # Rebuilding a pickled tensor only makes a view of its storage (whose bytes are in the
-    # file), so the shape it claims is checked here, before soft_prompt_tensor copies it out.
+    # file), so the shape it claims is checked by loaded before it is copied out.
     tensor = unpickle_tensor(raw, str(path))
     if tensor.dim() == 3 and tensor.shape[0] == 1:  # mkultra keeps a batch dimension
         tensor = tensor[0]
-    tensor, file_dtype = soft_prompt_tensor(tensor, str(path))
-    warn_kobold_length(tensor.shape[0], str(path))
-    metadata = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
-    meta = {k: v for k, v in metadata.items() if isinstance(k, str)}
+    metadata = doc.get("metadata")
+    meta = (
+        {k: v for k, v in metadata.items() if isinstance(k, str)}
+        if isinstance(metadata, dict)
+        else {}
+    )
     meta.setdefault("name", path.stem)
-    meta["format"] = NAME
-    meta["file_dtype"] = file_dtype
-    return SoftPrompt(tensor, meta)
+    return loaded(tensor, meta, NAME, str(path))

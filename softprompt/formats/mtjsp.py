@@ -14,29 +14,31 @@ from __future__ import annotations
 import io
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..errors import FormatError
-from ..soft_prompt import SoftPrompt
 from .common import (
     MAX_TENSOR_BYTES,
     NPY_ERRORS,
     ZIP_DATA_ERRORS,
-    check_tensor,
     check_zip,
+    loaded,
     printable,
     read_member,
-    soft_prompt_tensor,
     torch_load,
     torch_load_reason,
-    warn_kobold_length,
 )
 from .kobold import read_tensor
 
+if TYPE_CHECKING:
+    from ..soft_prompt import SoftPrompt
+
 NAME = "mtjsp"
-EXTENSIONS = (".mtjsp",)
+EXTENSIONS: tuple[str, ...] = (".mtjsp",)
+WRITABLE = False
+FOLDER = False
 # opt_state (Adam's two moments) is twice the tensor; in an NPZ it is never read, only
 # counted, but torch.load reads all of a torch.save file.
 MAX_TOTAL_BYTES = 4 * MAX_TENSOR_BYTES
@@ -88,14 +90,8 @@ def load(path: Path) -> SoftPrompt:
 
 def _load_npz(z: zipfile.ZipFile, path: Path) -> SoftPrompt:
     arr, file_dtype = read_tensor(z, "tensor.npy", path, WHAT)
-    check_tensor(arr, str(path))
-    warn_kobold_length(arr.shape[0], str(path))
-    meta: dict = {
-        "name": path.stem,
-        "format": NAME,
-        "file_dtype": file_dtype,
-        "variant": "mtj-softtuner npz",
-    }
+    meta = {"name": path.stem, "variant": "mtj-softtuner npz"}
+    sp = loaded(arr, meta, NAME, str(path), file_dtype)  # the tensor is checked first
     for key in SCALARS:
         if f"{key}.npy" not in z.namelist():
             continue
@@ -110,11 +106,13 @@ def _load_npz(z: zipfile.ZipFile, path: Path) -> SoftPrompt:
             raise FormatError(
                 f"{path}: {key} should be one number, got {value.dtype} {value.shape}"
             )
-        meta[key] = int(value) if key == "step" else float(value)
-    return SoftPrompt(torch.from_numpy(arr.astype(np.float32, copy=False)), meta)
+        sp.meta[key] = int(value) if key == "step" else float(value)
+    return sp
 
 
 def _load_torch(path: Path) -> SoftPrompt:
+    import torch
+
     if path.stat().st_size > MAX_TOTAL_BYTES:
         raise FormatError(
             f"{path} is larger than the {MAX_TOTAL_BYTES} bytes allowed for a soft prompt checkpoint"
@@ -129,19 +127,12 @@ def _load_torch(path: Path) -> SoftPrompt:
         raise FormatError(f"{path} holds no 'tensor' entry: expected a {WHAT}")
     tensor = obj["tensor"]
     if tensor.dim() == 3 and tensor.shape[0] == 1:
-        tensor = tensor[0]  # a view: nothing is copied before soft_prompt_tensor's checks
-    tensor, file_dtype = soft_prompt_tensor(tensor, str(path))
-    warn_kobold_length(tensor.shape[0], str(path))
-    meta: dict = {
-        "name": path.stem,
-        "format": NAME,
-        "file_dtype": file_dtype,
-        "variant": "torch.save dict",
-    }
+        tensor = tensor[0]  # a view: nothing is copied before loaded's checks
+    meta: dict = {"name": path.stem, "variant": "torch.save dict"}
     for key in SCALARS:
         value = obj.get(key)
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             meta[key] = int(value) if key == "step" else float(value)
-    return SoftPrompt(tensor, meta)
+    return loaded(tensor, meta, NAME, str(path))

@@ -5,24 +5,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..errors import FormatError
 from ..fileio import atomic_write
-from ..soft_prompt import SoftPrompt
-from .common import (
-    check_shape,
-    check_tensor,
-    parse_json,
-    printable,
-    soft_prompt_tensor,
-    stored_meta,
-)
+from .common import check_shape, check_tensor, loaded, parse_json, printable, stored_meta
+
+if TYPE_CHECKING:
+    from ..soft_prompt import SoftPrompt
 
 NAME = "safetensors"
-EXTENSIONS = (".safetensors",)
+EXTENSIONS: tuple[str, ...] = (".safetensors",)
+WRITABLE = True
+FOLDER = False
 TENSOR_KEY = "soft_prompt"
 FLAT_KEYS = ("name", "description", "author", "model", "init", "steps", "val_loss")
 WHAT = "softprompt .safetensors file (one soft_prompt tensor)"
@@ -62,20 +59,18 @@ def load(path: Path) -> SoftPrompt:
         raise FormatError(
             f"{path} is not a readable .safetensors file ({printable((str(e).strip() or type(e).__name__).splitlines()[0])})"
         ) from None
-    meta = {}
+    meta: dict = {}
     if "meta" in raw_meta:
-        meta = parse_json(raw_meta["meta"], f'{path}: "meta" in its header', "the metadata as JSON")
-    if not isinstance(meta, dict):
-        meta = {}
+        doc = parse_json(raw_meta["meta"], f'{path}: "meta" in its header', "the metadata as JSON")
+        meta = doc if isinstance(doc, dict) else {}
     for k in FLAT_KEYS:
         if k in raw_meta and k not in meta:
             meta[k] = raw_meta[k]
-    tensor, meta["file_dtype"] = soft_prompt_tensor(tensor, str(path))
-    meta["format"] = NAME
-    return SoftPrompt(tensor, meta)
+    return loaded(tensor, meta, NAME, str(path), warn_length=False)
 
 
 def save(sp: SoftPrompt, path: Path) -> None:
+    import torch
     from safetensors.torch import save
 
     check_tensor(sp.tensor.numpy().astype(np.float32), str(path))

@@ -15,26 +15,32 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import FormatError
-from ..soft_prompt import SoftPrompt
 from .common import (
     MAX_TENSOR_BYTES,
     check_shape,
     check_tensor,
+    loaded,
     parse_json,
     printable,
+    read_json,
     soft_prompt_tensor,
     stored_meta,
     torch_load,
     torch_load_reason,
-    warn_kobold_length,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..soft_prompt import SoftPrompt
 
 NAME = "peft"
 EXTENSIONS: tuple[str, ...] = ()  # a folder, written when the output name has no extension
+WRITABLE = True
+FOLDER = True
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 LEGACY_WEIGHTS = "adapter_model.bin"
@@ -51,11 +57,7 @@ def detect(path: Path) -> bool:
 
 def _read_config(folder: Path) -> dict:
     cfg_path = folder / CONFIG
-    if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
-        raise FormatError(
-            f"{cfg_path} is larger than {MAX_CONFIG_BYTES} bytes: not a PEFT adapter config"
-        )
-    cfg = parse_json(cfg_path.read_bytes(), str(cfg_path), f"a {WHAT}")
+    cfg = read_json(cfg_path, MAX_CONFIG_BYTES, f"a {WHAT}")
     if not isinstance(cfg, dict):
         raise FormatError(f"{cfg_path} is not a JSON object: expected a {WHAT}")
     kind = cfg.get("peft_type")
@@ -89,23 +91,20 @@ def load(path: Path) -> SoftPrompt:
             f"{printable(cfg.get('token_dim'), 40)} but "
             f"{TENSOR_KEY} is {n} x {d}"
         )
-    warn_kobold_length(n, str(folder))
     meta: dict = {}
     if "softprompt_meta" in header:
-        loaded = parse_json(
+        stored = parse_json(
             header["softprompt_meta"],
             f"{folder}: softprompt_meta in {WEIGHTS}",
             "the soft prompt's metadata as JSON",
         )
-        if isinstance(loaded, dict):
-            meta = loaded
+        if isinstance(stored, dict):
+            meta = stored
     meta.setdefault("name", folder.name)
     base = cfg.get("base_model_name_or_path")
     if base and not meta.get("supported"):
         meta["supported"] = [str(base)]
-    meta["format"] = NAME
-    meta["file_dtype"] = file_dtype
-    return SoftPrompt(tensor, meta)
+    return loaded(tensor, meta, NAME, str(folder), file_dtype)
 
 
 def _read_safetensors(path: Path) -> tuple[torch.Tensor, dict]:
@@ -128,6 +127,8 @@ def _read_safetensors(path: Path) -> tuple[torch.Tensor, dict]:
 def _read_bin(path: Path) -> torch.Tensor:
     """The tensor of a ``torch.save`` file: still a view of what torch.load read, so that
     ``soft_prompt_tensor`` checks its shape before copying it out."""
+    import torch
+
     if path.stat().st_size > MAX_TENSOR_BYTES:
         raise FormatError(
             f"{path} is larger than the {MAX_TENSOR_BYTES} bytes allowed for a prompt adapter"
@@ -179,6 +180,7 @@ def adapter_config(sp: SoftPrompt, base_model: str | None = None) -> dict:
 def save(sp: SoftPrompt, path: Path, base_model: str | None = None) -> None:
     """Write the adapter folder: built in a temporary folder beside ``path``, then renamed
     into place, so ``path`` is either the old adapter or the complete new one."""
+    import torch
     from safetensors.torch import save as st_save
 
     path = Path(path)
