@@ -79,6 +79,12 @@ class TrainState:
     samples: int = 0
     elapsed_before: float = 0.0  # seconds trained in earlier segments of a resumed run
     saved_step: int | None = None  # the step of the checkpoint on disk
+    # --patience: the best validation loss so far, its step and soft prompt, and how many
+    # validations since then have not beaten it
+    best_val: float | None = None
+    best_step: int = 0
+    best_soft: torch.Tensor | None = None
+    bad_validations: int = 0
 
     @classmethod
     def create(
@@ -110,6 +116,18 @@ class TrainState:
         self.step, self.samples = int(checkpoint["step"]), int(checkpoint["samples"])
         self.elapsed_before = float(checkpoint.get("elapsed_s", 0.0))
         self.saved_step = self.step
+        if "best_val" in checkpoint:
+            self.best_val, self.best_step = float(checkpoint["best_val"]), int(checkpoint["best_step"])
+            self.best_soft = checkpoint["best_soft"].to(self.soft.device, torch.float32)
+            self.bad_validations = int(checkpoint["bad_validations"])
+
+    def observe(self, val_loss: float) -> None:
+        """--patience: count a validation; a new best keeps a copy of its soft prompt."""
+        if self.best_val is None or val_loss < self.best_val:
+            self.best_val, self.best_step, self.bad_validations = val_loss, self.step, 0
+            self.best_soft = self.soft.detach().clone()
+        else:
+            self.bad_validations += 1
 
     def save(self, folder: Path | None, identity: dict[str, Any], elapsed: float) -> None:
         """Write checkpoint.pt (``folder`` None: only remember the step, as ranks other than
@@ -127,9 +145,21 @@ class TrainState:
                 "scheduler": self.scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "elapsed_s": self.elapsed_before + elapsed,
+                **self._patience(),
                 **identity,
             },
         )
+
+
+    def _patience(self) -> dict[str, Any]:
+        if self.best_val is None or self.best_soft is None:
+            return {}
+        return {
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "best_soft": self.best_soft.detach().float().cpu(),
+            "bad_validations": self.bad_validations,
+        }
 
 
 def make_optimizer(cfg: TrainConfig, soft: torch.nn.Parameter) -> torch.optim.Optimizer:
@@ -211,9 +241,10 @@ def check_resumable(
     bos_ids: list[int],
 ) -> None:
     """Refuse to resume a checkpoint made on other data, another model, or another layout
-    (``--force`` resumes anyway)."""
+    (``--force`` resumes anyway), or one that --patience stopped."""
     if checkpoint is None or cfg.force:
         return
+    check_stopped_early(checkpoint, cfg, out)
     if checkpoint["dataset_hash"] != dataset_hash:
         raise RunError(
             f"--resume: the dataset {cfg.dataset} changed since the checkpoint in {out} was written; "
@@ -236,6 +267,21 @@ def check_resumable(
         raise RunError(
             f"--resume: the checkpoint in {out} was trained with leading tokens {list(saved)}, "
             f"but this tokenizer puts {bos_ids} first: pass the same --model, or --force"
+        )
+
+
+def check_stopped_early(checkpoint: dict | None, cfg: TrainConfig, out: Path) -> None:
+    """Refuse to resume a run that --patience stopped, under the same --patience: it would
+    stop again at once. A larger --patience, or 0, trains on from where it stopped."""
+    if checkpoint is None or not cfg.patience:
+        return
+    bad = int(checkpoint.get("bad_validations", 0))
+    if bad >= cfg.patience:
+        raise RunError(
+            f"--resume: the run in {out} stopped early at step {checkpoint['step']}: its "
+            f"validation loss did not improve in {bad} validations (--patience "
+            f"{cfg.patience}; the best was at step {checkpoint['best_step']}); pass a larger "
+            "--patience, or --patience 0, to train on"
         )
 
 

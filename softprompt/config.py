@@ -168,6 +168,12 @@ class TrainConfig:
         metavar="N",
     )
     save_every: int = _opt(50, "steps between checkpoints (0: only at the end)", metavar="N")
+    patience: int = _opt(
+        0,
+        "stop early when N validations in a row do not beat the best validation loss, and "
+        "keep the soft prompt of the best one (0: off, train every step)",
+        metavar="N",
+    )
     seed: int = _opt(1729, "random seed (file order, batches, initialisation)")
     # the run itself
     resume: bool = _opt(
@@ -244,6 +250,11 @@ class TrainConfig:
         need(0 <= self.seed <= MAX_SEED, f"--seed must be a whole number from 0 to {MAX_SEED}")
         need(self.eval_every is None or self.eval_every >= 0, "--eval-every must be 0 or more")
         need(self.save_every >= 0, "--save-every must be 0 or more")
+        need(self.patience >= 0, "--patience must be 0 (off) or more")
+        need(
+            not (self.patience and (self.eval_every == 0 or self.val_fraction == 0)),
+            "--patience counts validations: it needs --eval-every above 0 and a --val-fraction",
+        )
         if self.init == "text":
             need(bool(self.init_text), "--init text needs --init-text TEXT_OR_FILE")
         problems += self._text_problems() + self._combination_problems()

@@ -284,6 +284,7 @@ def setup(
         model_source=lm.source,
         bos_ids=lm.bos_ids,
     )
+
     init_sp = load_init_from(cfg.init_from, lm) if checkpoint is None and cfg.init_from else None
     n_tokens = resolve_tokens(cfg, lm.tokenizer, checkpoint, init_sp)
     # every sequence is [soft prompt][BOS, when the tokenizer puts one first][block], as
@@ -585,8 +586,11 @@ def fit(run: Run, val_loss: float | None) -> float:
     run.status.update(phase="training", force=True)
     bar = progress_bar(cfg.progress and run.ranks.main, plan.total_steps, state.step)
     stop, tokens, t_start = StopFlag(), 0, time.perf_counter()
+    if cfg.patience and run.checkpoint is None and val_loss is not None:
+        state.observe(val_loss)  # the soft prompt before training counts too
+    early = False
     with stop.installed(), activation_checkpointing(run.net, run.checkpointing):
-        while state.step < plan.total_steps:
+        while state.step < plan.total_steps and not early:
             loss = 0.0
             for _ in range(plan.grad_accum):
                 batch = run.batches.batch(state.samples + run.mine)
@@ -613,8 +617,9 @@ def fit(run: Run, val_loss: float | None) -> float:
                 and state.step < plan.total_steps
             ):
                 val_loss = run.validate()
+                early = _patience_ran_out(run, val_loss)
             _show(bar, loss, val_loss, tokens / max(elapsed, 1e-9))
-            last = state.step == plan.total_steps
+            last = state.step == plan.total_steps or early
             if (cfg.save_every and state.step % cfg.save_every == 0) or last or stopping:
                 run.save(elapsed)
             if stopping and not last:
@@ -622,6 +627,27 @@ def fit(run: Run, val_loss: float | None) -> float:
     if bar is not None:
         bar.close()
     return time.perf_counter() - t_start
+
+
+def _patience_ran_out(run: Run, val_loss: float | None) -> bool:
+    """--patience: count this validation; True when the last N have not beaten the best."""
+    patience, state = run.cfg.patience, run.state
+    if not patience or val_loss is None:
+        return False
+    state.observe(val_loss)
+    if state.bad_validations < patience:
+        return False
+    log.info(
+        "stopping early at step %d of %d: the validation loss has not beaten %.4f (step %d) "
+        "in %d validations (--patience %d)",
+        state.step,
+        run.plan.total_steps,
+        state.best_val,
+        state.best_step,
+        state.bad_validations,
+        patience,
+    )
+    return True
 
 
 def _clip(soft: torch.nn.Parameter, max_norm: float) -> float:
@@ -683,15 +709,22 @@ def finish(
     if run.compiled:
         uncompile(lm.model)  # the report's generation varies its shapes: plain PyTorch suits it
     run.status.update(phase="writing", elapsed_s=state.elapsed_before + seconds)
-    val_after = run.validate() if len(run.val_blocks) else None
+    early = state.step < run.plan.total_steps  # --patience stopped it, just after a validation
+    if early:
+        val_after = run.metrics.last_val_loss()
+    else:
+        val_after = run.validate() if len(run.val_blocks) else None
+    soft, best = _best_soft_prompt(run, None if early else val_after)
     meta = {
         **soft_prompt_meta(resolved, lm),
         "steps": state.step,
         "n_tokens": run.plan.n_tokens,
-        "val_loss": val_after,
+        "val_loss": val_after if best is None else best,
         "val_loss_before": val_before,
     }
-    sp = SoftPrompt(state.soft.detach(), meta)
+    if best is not None:
+        meta["best_step"], val_after = state.best_step, best
+    sp = SoftPrompt(soft, meta)
     out = run.out
     files = soft_prompt_files(sp, out)
     if run.ranks.main:
@@ -728,6 +761,23 @@ def finish(
         result.files["report"] = write_report(out, result, lm, shown)
     distributed.barrier(run.ranks)  # leave together, once rank 0 has written everything
     return result
+
+
+def _best_soft_prompt(run: Run, val_after: float | None) -> tuple[torch.Tensor, float | None]:
+    """The soft prompt to write: the last one, or with --patience the best validated one
+    (and its validation loss) when an earlier one beat the last."""
+    state = run.state
+    if run.cfg.patience:
+        if val_after is not None:
+            state.observe(val_after)
+        if state.best_step != state.step and state.best_soft is not None:
+            log.info(
+                "keeping the soft prompt of step %d (validation loss %.4f), the best of the run",
+                state.best_step,
+                state.best_val,
+            )
+            return state.best_soft, state.best_val
+    return state.soft.detach(), None
 
 
 # ----------------------------------------------------------------------------- helpers
