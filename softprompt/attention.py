@@ -14,7 +14,11 @@ from ``sdpa`` only where it computes the same thing (no mask, causal, no dropout
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from .types import Model
 
 NAME = "softprompt_sdpa"
 
@@ -92,11 +96,11 @@ def attention_forward(
     )  # fmt: skip
 
 
-def use_fast_attention(model: torch.nn.Module) -> bool:
+def use_fast_attention(model: Model) -> bool:
     """Route the model's ``sdpa`` attention through ``attention_forward``; False (and nothing
     changed) when the model uses another attention or this transformers has no
     ``AttentionInterface``. ``restore_attention`` undoes it."""
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return False
     try:
@@ -110,7 +114,7 @@ def use_fast_attention(model: torch.nn.Module) -> bool:
     return True
 
 
-def restore_attention(model: torch.nn.Module) -> None:
-    config = getattr(model, "config", None)
+def restore_attention(model: Model) -> None:
+    config: Any = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) == NAME:
         config._attn_implementation = "sdpa"

@@ -15,11 +15,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from .model import LoadedModel
 from .errors import RunError
 from .fileio import atomic_write, format_bytes
 from .formats import mtjsp
@@ -117,7 +120,10 @@ class TrainState:
         self.elapsed_before = float(checkpoint.get("elapsed_s", 0.0))
         self.saved_step = self.step
         if "best_val" in checkpoint:
-            self.best_val, self.best_step = float(checkpoint["best_val"]), int(checkpoint["best_step"])
+            self.best_val, self.best_step = (
+                float(checkpoint["best_val"]),
+                int(checkpoint["best_step"]),
+            )
             self.best_soft = checkpoint["best_soft"].to(self.soft.device, torch.float32)
             self.bad_validations = int(checkpoint["bad_validations"])
 
@@ -149,7 +155,6 @@ class TrainState:
                 **identity,
             },
         )
-
 
     def _patience(self) -> dict[str, Any]:
         if self.best_val is None or self.best_soft is None:
@@ -232,19 +237,14 @@ def check_output(out: Path, cfg: TrainConfig) -> dict | None:
 
 
 def check_resumable(
-    checkpoint: dict | None,
-    cfg: TrainConfig,
-    out: Path,
-    *,
-    dataset_hash: str,
-    model_source: str,
-    bos_ids: list[int],
+    checkpoint: dict | None, cfg: TrainConfig, out: Path, dataset_hash: str, lm: LoadedModel
 ) -> None:
     """Refuse to resume a checkpoint made on other data, another model, or another layout
     (``--force`` resumes anyway), or one that --patience stopped."""
     if checkpoint is None or cfg.force:
         return
     check_stopped_early(checkpoint, cfg, out)
+    model_source, bos_ids = lm.source, lm.bos_ids
     if checkpoint["dataset_hash"] != dataset_hash:
         raise RunError(
             f"--resume: the dataset {cfg.dataset} changed since the checkpoint in {out} was written; "

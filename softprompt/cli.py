@@ -25,16 +25,17 @@ from .config import (
     DEVICE_MAPS,
     DTYPES,
     FIELDS,
-    PER_INVOCATION,
     TrainConfig,
     field_kind,
     flag,
     read_toml,
+    saved_options,
 )
 from .errors import ConfigError, SoftPromptError
+from .fileio import check_copy_target, copy_file
 from .formats import writable
 from .options import EvalOptions, GenerateOptions, ServeOptions, from_args
-from .runfiles import CONFIG_FILE, StatusFile
+from .runfiles import StatusFile
 from .sampling import SamplingOptions
 
 if TYPE_CHECKING:
@@ -248,9 +249,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     explicit = {k: v for k, v in vars(args).items() if k in FIELDS}
     values: dict[str, Any] = {}
     if explicit.get("resume") and explicit.get("output"):
-        saved = Path(explicit["output"]).expanduser() / CONFIG_FILE
-        if saved.is_file():
-            values.update({k: v for k, v in read_toml(saved).items() if k not in PER_INVOCATION})
+        values.update(saved_options(explicit["output"], explicit))
     if args.config:
         values.update(read_toml(args.config))
     values.update(explicit)
@@ -338,6 +337,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in opts.stop]
     sp = SoftPrompt.load(opts.softprompt) if opts.softprompt else None
     lm = load_model_from_args(args)
+    if sp is not None:  # before anything is printed
+        sp.check_fits(lm.model, f"--softprompt {opts.softprompt}", lm.name)
     runs = (
         [(f"with the soft prompt ({sp.name})", sp), ("without", None)]
         if opts.compare and sp is not None
@@ -352,11 +353,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 print(f"--- {header}", flush=True)
             if opts.echo:
                 sys.stdout.write(prompt)
-            for piece in stream(lm, prompt, soft, sample, stop=stops):
-                sys.stdout.write(piece)
+            try:
+                for piece in stream(lm, prompt, soft, sample, stop=stops):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            finally:  # an error's line, or the next sample, starts on a line of its own
+                sys.stdout.write("\n")
                 sys.stdout.flush()
-            sys.stdout.write("\n")
-            sys.stdout.flush()
     return 0
 
 
@@ -423,6 +426,14 @@ def add_convert(sub: Any) -> None:
         metavar="ID",
         help="peft: base_model_name_or_path to record (default: from the soft prompt's metadata)",
     )
+    p.add_argument(
+        "--copy-to",
+        metavar="DIR",
+        help="also put the written file in DIR (e.g. KoboldAI's softprompts folder)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="with --copy-to: replace a file of the same name there"
+    )
     p.set_defaults(func=cmd_convert)
 
 
@@ -444,11 +455,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if fmt != "peft":
             raise ConfigError("--base-model applies to --to peft only")
         options["base_model"] = args.base_model
+    target = None
+    if args.copy_to:  # checked before anything is written
+        if fmt == "peft":
+            raise ConfigError("--copy-to copies one file: use it with --to kobold or safetensors")
+        try:
+            target = check_copy_target(
+                args.copy_to, Path(args.output).name, args.force, "--copy-to"
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     out = save(sp, args.output, fmt, **options)
     print(
         f"{fmt}: {printable(out, None)} ({sp.n_tokens} tokens x {sp.dim}, "
         f"from {sp.meta.get('format')} {printable(args.input, None)})"
     )
+    if target is not None:
+        print(f"copied to {printable(copy_file(out, target), None)}")
     return 0
 
 
@@ -644,6 +667,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("softprompt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `softprompt inspect X | head -1`: the reader has gone
+        # Python would complain again when it flushes stdout at exit: point it at nothing
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a process killed by SIGPIPE
     except Exception as e:  # the last resort: still one line, with a pointer to --debug
         if debug:
             raise

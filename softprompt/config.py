@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .runfiles import CONFIG_FILE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,7 +29,7 @@ DEVICE_MAPS = ("auto", "balanced", "sequential")
 DEFAULT_TOKENS = 20
 CPU_AUTO_BATCH = 4  # --batch-size auto on CPUs: see bench/batch_size.py
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes no more; numpy's generator no negative seed
-PATHS = ("dataset", "output", "model", "init_from", "cache_dir")  # options that name a path
+PATHS = ("dataset", "output", "model", "init_from", "cache_dir", "copy_to")  # name a path
 SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -107,6 +108,13 @@ class TrainConfig:
         None, "soft prompt name (default: the dataset's name)", group="soft prompt"
     )
     description: str = _opt("", "description saved with the soft prompt", group="soft prompt")
+    copy_to: str | None = _opt(
+        None,
+        "also put the finished KoboldAI zip in this folder (KoboldAI's softprompts folder); "
+        "a file of the same name there is replaced only with --force",
+        group="soft prompt",
+        metavar="DIR",
+    )
     author: str = _opt("", "author saved with the soft prompt", group="soft prompt")
     tokens: int | None = _opt(
         None,
@@ -209,7 +217,11 @@ class TrainConfig:
         need(
             self.dataset is not None, "--dataset is required: give a .txt file or a folder of them"
         )
-        need(self.output is not None, "--output is required: give a folder for the results")
+        need(
+            self.output is not None,
+            "--output is required: give a folder for the results (a run's config.toml names "
+            "none, so a rerun from it goes to a new folder)",
+        )
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -312,8 +324,12 @@ def flag(name: str) -> str:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-# Options that describe one invocation, not the run: never read back from a saved config.
-PER_INVOCATION = {"resume", "force", "progress"}
+# Options that describe one invocation, not the run: never saved, never read back. A run's
+# config.toml names no --output: a rerun from it goes to a new folder.
+PER_INVOCATION = {"resume", "force", "progress", "output"}
+# The table of config.toml that holds what the run decided itself (a block size, a batch
+# size found by trying, --compile...): a resume keeps them, a rerun decides again.
+DECIDED = "decided"
 
 
 def field_kind(f: dataclasses.Field) -> str:
@@ -356,8 +372,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     return value
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """Read run options from a TOML file; keys may use - or _. Unknown keys are errors."""
+def read_toml(path: str | Path, decided: bool = False) -> dict[str, Any]:
+    """Read run options from a TOML file; keys may use - or _. Unknown keys are errors. The
+    ``[decided]`` table of a run's config.toml is read only with ``decided`` (a resume)."""
     p = Path(path)
     try:
         with p.open("rb") as fh:
@@ -373,6 +390,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     # Allow the options either at the top level or under a [train] table.
     if isinstance(raw.get("train"), dict):
         raw = {**{k: v for k, v in raw.items() if k != "train"}, **raw["train"]}
+    made = raw.pop(DECIDED, None)
+    if decided and isinstance(made, dict):
+        raw = {**raw, **made}
     out: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
@@ -404,10 +424,76 @@ def _toml_value(v: Any) -> str:
     return f'"{escaped}"'
 
 
-def to_toml(values: dict[str, Any]) -> str:
-    """A flat TOML document of the set options (None values are left out)."""
-    lines = ["# The resolved options of this run; reuse with `softprompt train --config FILE`."]
-    for key, value in values.items():
-        if value is not None and key not in PER_INVOCATION:
-            lines.append(f"{key.replace('_', '-')} = {_toml_value(value)}")
+def to_toml(values: dict[str, Any], decided: dict[str, Any] | None = None) -> str:
+    """A TOML document of the set options (None values are left out), and the values the
+    run decided itself in a ``[decided]`` table."""
+    lines = [
+        "# The options of this run as asked for: `softprompt train --config FILE --output NEW`",
+        "# runs it again (deciding anew what [decided] holds); `--output DIR --resume` goes on.",
+        *_toml_lines(values),
+    ]
+    if decided:
+        lines += [
+            "",
+            f"[{DECIDED}]  # decided by the run itself; kept by --resume",
+            *_toml_lines(decided),
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _toml_lines(values: dict[str, Any]) -> list[str]:
+    return [
+        f"{key.replace('_', '-')} = {_toml_value(value)}"
+        for key, value in values.items()
+        if value is not None and key not in PER_INVOCATION
+    ]
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with every option that names a file or folder on this machine made absolute,
+    so a run's config.toml works from any working folder (a hub id stays as it is)."""
+
+    def absolute(value: str | None, must_exist: bool) -> str | None:
+        if not value:
+            return value
+        p = Path(value).expanduser()
+        return str(p.resolve()) if p.exists() or not must_exist else value
+
+    changes = {name: absolute(getattr(cfg, name), name == "model") for name in PATHS}
+    if cfg.init_text and len(cfg.init_text) < 4096 and "\n" not in cfg.init_text:
+        changes["init_text"] = absolute(cfg.init_text, True)  # a path, when a file is there
+    changes.pop("output")
+    return dataclasses.replace(cfg, **changes)
+
+
+def saved_options(output: str | Path, given: dict[str, Any]) -> dict[str, Any]:
+    """What a resume reads back from the run's config.toml: the options asked for (not what
+    the run decided, which train applies itself), under the ones ``given`` now. A saved path
+    that is gone is a ConfigError saying how to point the run at the new place."""
+    path = Path(output).expanduser() / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    saved = {k: v for k, v in read_toml(path).items() if k not in PER_INVOCATION}
+    for name, what in (("dataset", "dataset"), ("model", "model")):
+        value = saved.get(name)
+        if (
+            given.get(name) is None
+            and value
+            and Path(value).is_absolute()
+            and not Path(value).exists()
+        ):
+            raise ConfigError(
+                f"--resume: the run's {what} {value} (saved in {path}) does not exist: pass "
+                f"--{name} NEW_PATH to point the run at where it is now"
+                + (" (the same text: it is checked)" if name == "dataset" else "")
+            )
+    return saved
+
+
+def decisions(output: str | Path) -> dict[str, Any]:
+    """What a run decided itself (its config.toml's [decided] table), for a resume."""
+    path = Path(output).expanduser() / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    everything, asked = read_toml(path, decided=True), read_toml(path)
+    return {k: v for k, v in everything.items() if k not in asked or asked[k] != v}

@@ -113,3 +113,30 @@ def format_bytes(n: float) -> str:
         if n < 1024:
             return f"{n:.1f} {unit}"
     return f"{n / 1024:.1f} GB"
+
+
+def check_copy_target(folder: str | os.PathLike, name: str, force: bool, option: str) -> Path:
+    """Where ``--copy-to FOLDER`` will put a file called ``name``: the folder must exist, and
+    a file already there under that name is overwritten only with --force. ValueError (with
+    the message to show) otherwise; nothing is written."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ValueError(
+            f"{option} {folder} is not an existing folder: create it, or give KoboldAI's "
+            "softprompts folder"
+        )
+    target = folder / name
+    if target.exists() and not force:
+        raise ValueError(
+            f"{option} {folder}: it already holds a {name}; pass --force to replace it, or "
+            "choose another --name"
+        )
+    return target
+
+
+def copy_file(src: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Copy ``src`` to ``target`` under a temporary name, then rename it into place."""
+    with open(src, "rb") as fh, atomic_write(target) as out:
+        while chunk := fh.read(1 << 20):
+            out.write(chunk)
+    return Path(target)

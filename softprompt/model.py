@@ -20,6 +20,7 @@ import torch
 from .errors import ModelError
 from .fileio import file_lock
 from .speed import contiguous_head_input
+from .types import Model, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class LoadedModel:
     """A frozen model with what the rest of softprompt needs to know about it."""
 
-    model: torch.nn.Module
-    tokenizer: object
+    model: Model
+    tokenizer: Tokenizer
     name: str  # short name for people and for the `supported` list of a KoboldAI zip
     source: str  # what was asked for (path or hub id), resolved
     device: torch.device
@@ -467,7 +468,7 @@ def gguf_cache_folder(path: Path, dtype: torch.dtype) -> Path:
     )
 
 
-def save_gguf_cache(model: torch.nn.Module, tokenizer, folder: Path) -> None:
+def save_gguf_cache(model: Model, tokenizer, folder: Path) -> None:
     """Keep the dequantized model as a plain safetensors folder, so the next load of the same
     .gguf skips dequantizing (SmolLM2-135M: 15-19 s -> about 3 s). Written to a temporary
     folder and renamed; skipped for models over 8 GB or when the disk is short; a failure

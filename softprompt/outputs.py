@@ -11,9 +11,11 @@ from typing import Any
 
 from . import __version__
 from .config import TrainConfig
-from .fileio import atomic_write, safe_filename
+from .errors import RunError
+from .fileio import atomic_write, check_copy_target, safe_filename
 from .formats import kobold, native
 from .model import LoadedModel
+from .plan import default_name
 from .runfiles import SOFTPROMPT_FILE
 from .soft_prompt import SoftPrompt, read_init_text
 
@@ -77,10 +79,29 @@ def soft_prompt_meta(cfg: TrainConfig, lm: LoadedModel) -> dict[str, Any]:
     return meta
 
 
+def zip_name(name: str) -> str:
+    """The KoboldAI zip's file name for a soft prompt called ``name``."""
+    return safe_filename(name) + ".zip"
+
+
 def soft_prompt_files(sp: SoftPrompt, out: Path) -> dict[str, Path]:
     """Where a finished soft prompt goes: the KoboldAI zip, named after it, and
     softprompt.safetensors."""
-    return {"kobold": out / (safe_filename(sp.name) + ".zip"), "safetensors": out / SOFTPROMPT_FILE}
+    return {"kobold": out / zip_name(sp.name), "safetensors": out / SOFTPROMPT_FILE}
+
+
+def copy_target(cfg: TrainConfig) -> Path | None:
+    """Where --copy-to puts the zip, checked before training: RunError if that cannot be."""
+    if not cfg.copy_to:
+        return None
+    name = zip_name(cfg.name or default_name(cfg.dataset))
+    ours = Path(cfg.output).expanduser() / name  # a run extended: its earlier zip was copied
+    target = Path(cfg.copy_to).expanduser() / name
+    replaces_ours = ours.is_file() and target.is_file() and ours.read_bytes() == target.read_bytes()
+    try:
+        return check_copy_target(cfg.copy_to, name, cfg.force or replaces_ours, "--copy-to")
+    except ValueError as e:
+        raise RunError(str(e)) from None
 
 
 def write_soft_prompt(sp: SoftPrompt, files: dict[str, Path]) -> None:

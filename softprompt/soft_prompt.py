@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, ModelError
+from .types import Model
 
 
 @dataclass
@@ -46,13 +47,22 @@ class SoftPrompt:
     def name(self) -> str:
         return str(self.meta.get("name") or "softprompt")
 
-    def check_fits(self, model: torch.nn.Module, where: str = "soft prompt") -> None:
-        """Raise if the vectors do not match the model's input embedding width."""
+    def check_fits(
+        self, model: Model, where: str = "soft prompt", model_name: str | None = None
+    ) -> None:
+        """Raise if the vectors do not match the model's input embedding width, naming the
+        model the soft prompt was made for when its metadata says."""
         want = model.get_input_embeddings().embedding_dim
         if self.dim != want:
+            supported = self.meta.get("supported")
+            made_for = self.meta.get("model") or (
+                supported[0] if isinstance(supported, list) and supported else None
+            )
+            this = f" ({model_name})" if model_name else ""
             raise ModelError(
-                f"{where} has width {self.dim} but the model's input embeddings are {want} wide: "
-                "it was made for another model"
+                f"{where} has width {self.dim} but the model's input embeddings{this} are {want} "
+                f"wide: it was made for {made_for or 'another model'}"
+                + (f": pass --model {made_for}" if made_for else "")
             )
 
     @classmethod
@@ -80,14 +90,14 @@ def special_token_ids(tokenizer) -> set[int]:
 
 
 @torch.no_grad()
-def embed_ids(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def embed_ids(model: Model, ids: torch.Tensor) -> torch.Tensor:
     """Vectors of token ids as the input embedding module outputs them, float32 (n, d)."""
     emb = model.get_input_embeddings()
     return emb(ids.to(emb.weight.device)).float().cpu()
 
 
 def init_tensor(
-    model: torch.nn.Module,
+    model: Model,
     tokenizer,
     init: str,
     n_tokens: int | None,
@@ -173,7 +183,7 @@ def read_init_text(value: str | None) -> str:
 # ----------------------------------------------------------------------------- forward pass
 
 
-def prepend(model: torch.nn.Module, soft: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+def prepend(model: Model, soft: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Token embeddings of ``input_ids`` (B, T) with the soft prompt in front: (B, n + T, d).
 
     The soft prompt (n, d) is cast to the embedding dtype here, so its master copy stays float32.
@@ -184,7 +194,8 @@ def prepend(model: torch.nn.Module, soft: torch.Tensor, input_ids: torch.Tensor)
 
 
 @functools.lru_cache(maxsize=64)
-def _logits_kwarg(forward_cls: type) -> str | None:
+def _logits_kwarg(forward_cls: Any) -> str | None:
+    """The keyword of the model class's ``forward`` that keeps only the last logits."""
     params = inspect.signature(forward_cls.forward).parameters
     for name in ("logits_to_keep", "num_logits_to_keep"):
         if name in params:
@@ -202,7 +213,7 @@ def block_inputs(block: torch.Tensor, lead: torch.Tensor | None) -> torch.Tensor
 
 
 def block_logits(
-    model: torch.nn.Module,
+    model: Model,
     soft: torch.Tensor,
     block: torch.Tensor,
     lead: torch.Tensor | None = None,
@@ -224,10 +235,10 @@ def lead_length(lead: torch.Tensor | None) -> int:
 
 
 def _prompted_logits(
-    model: torch.nn.Module, soft: torch.Tensor, input_ids: torch.Tensor, keep: int
+    model: Model, soft: torch.Tensor, input_ids: torch.Tensor, keep: int
 ) -> torch.Tensor:
     embeds = prepend(model, soft, input_ids)  # (B, n + T - 1, d)
-    key = _logits_kwarg(type(model))
+    key = _logits_kwarg(model.__class__)
     if key is not None:
         return model(inputs_embeds=embeds, use_cache=False, **{key: keep}).logits
     return model(inputs_embeds=embeds, use_cache=False).logits[:, -keep:]
@@ -239,7 +250,7 @@ class PromptedModel(torch.nn.Module):
     this module's forward, which is what a model sharded with FSDP needs (its embedding
     weights are gathered only while the module that owns them runs)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: Model):
         super().__init__()
         self.model = model
 

@@ -16,13 +16,14 @@ from . import distributed
 from .config import CPU_AUTO_BATCH
 from .errors import RunError
 from .loss import block_loss
+from .types import Model
 
 log = logging.getLogger(__name__)
 
 AUTO_BATCH_MAX = 64  # where --batch-size auto starts searching on a GPU
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+def decoder_layers(model: Model) -> list[torch.nn.Module]:
     """The model's decoder layers (transformers marks them ``GradientCheckpointingLayer``):
     the units that checkpointing, compiling and sharding work on. Empty if none are known."""
     try:
@@ -33,7 +34,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @contextlib.contextmanager
-def activation_checkpointing(model: torch.nn.Module, enabled: bool = True):
+def activation_checkpointing(model: Model, enabled: bool = True):
     """Within the block, each decoder layer keeps only its inputs for the backward pass and
     recomputes the rest (non-reentrant ``torch.utils.checkpoint`` around the layer's forward,
     only while gradients are on). The model stays in eval mode, so nothing else changes:
@@ -68,7 +69,7 @@ def activation_checkpointing(model: torch.nn.Module, enabled: bool = True):
                 layer.forward = previous
 
 
-def activation_bytes(model: torch.nn.Module, positions: int) -> int:
+def activation_bytes(model: Model, positions: int) -> int:
     """About what the decoder layers keep for the backward pass without activation
     checkpointing, for ``positions`` (batch x sequence): per layer and position, 7 x hidden
     + 3 x MLP width values in the model's dtype. On SmolLM2-135M (bf16) that says 17.3 kB
@@ -104,7 +105,7 @@ def free_memory(device: torch.device) -> int | None:
         return None
 
 
-def compile_layers(model: torch.nn.Module) -> bool:
+def compile_layers(model: Model) -> bool:
     """Compile each decoder layer in place (``Module.compile``: the module is unchanged, its
     calls go through torch.compile). The layers share their code, so the compiled graph is
     reused from layer to layer. Attention goes through ``attention.attention_forward``, whose
@@ -119,7 +120,7 @@ def compile_layers(model: torch.nn.Module) -> bool:
     return bool(layers)
 
 
-def uncompile(model: torch.nn.Module) -> None:
+def uncompile(model: Model) -> None:
     """Undo ``compile_layers``: calls go to the plain forward and attention again."""
     from .attention import restore_attention
 
@@ -128,7 +129,7 @@ def uncompile(model: torch.nn.Module) -> None:
     restore_attention(model)
 
 
-def contiguous_head_input(model: torch.nn.Module) -> None:
+def contiguous_head_input(model: Model) -> None:
     """Give the LM head a contiguous input. With ``logits_to_keep`` the model slices the last
     positions of each sequence, a strided view, and a matmul over a strided 3-D input turns
     into a batched matmul that copies the head's weight per sequence: measured on

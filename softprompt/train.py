@@ -38,7 +38,7 @@ from .checkpoint import (
     check_resumable,
     mtj_resume_step,
 )
-from .config import TrainConfig, read_toml, to_toml
+from .config import PATHS, TrainConfig, absolute_paths, decisions, saved_options, to_toml
 from .data import (
     BatchSampler,
     make_blocks,
@@ -48,11 +48,11 @@ from .data import (
     tokenize_dataset,
 )
 from .errors import ConfigError, RunError, SoftPromptError
-from .fileio import format_bytes, write_text
+from .fileio import copy_file, format_bytes, write_text
 from .formats import load_any
 from .loss import block_loss, fused_head, loss_sums, perplexity
 from .model import LoadedModel, load_model, pick_device, pick_dtype
-from .outputs import Metrics, soft_prompt_files, soft_prompt_meta, write_soft_prompt
+from .outputs import Metrics, copy_target, soft_prompt_files, soft_prompt_meta, write_soft_prompt
 from .plan import (
     Plan,
     block_size_for,
@@ -156,9 +156,9 @@ def _run(
         )
     device = model.device if model else distributed.rank_device(ranks, pick_device(cfg.device))
     with distributed.process_group(ranks, device), _process_state(ranks):
-        run = setup(cfg, model, ranks, device, status)
+        run = setup(_with_decisions(cfg), model, ranks, device, status)
         resolved = prepare(run)
-        _open_output(run, resolved)
+        _open_output(run, absolute_paths(cfg), resolved)
         if run.checkpoint is None:
             val_before = val_latest = run.validate()
         else:  # a resumed run: the first and the latest validation of its earlier segments
@@ -171,12 +171,19 @@ def _config(config: TrainConfig | None, options: dict) -> TrainConfig:
     """The run's options: ``config`` changed by ``options``, or ``options`` alone; for
     ``train(output=..., resume=True)`` the rest comes from the run's saved config.toml."""
     if config is None and options.get("resume") and options.get("output"):
-        saved = Path(options["output"]).expanduser() / CONFIG_FILE
-        if saved.is_file() and not options.get("dataset"):
-            options = {**read_toml(saved), **options}
+        options = {**saved_options(options["output"], options), **options}
     cfg = dataclasses.replace(config, **options) if config else TrainConfig(**options)
     cfg.validate()
     return cfg
+
+
+def _with_decisions(cfg: TrainConfig) -> TrainConfig:
+    """For a resume: what the run decided itself (block size, batch size, --compile...) where
+    the options leave it to the run, so the resumed segments run as the first one did."""
+    if not cfg.resume or cfg.output is None:
+        return cfg
+    unset = {k: v for k, v in decisions(cfg.output).items() if getattr(cfg, k) in (None, "auto")}
+    return dataclasses.replace(cfg, **unset)
 
 
 @contextlib.contextmanager
@@ -219,6 +226,7 @@ class Run:
     metrics: Metrics = field(default_factory=lambda: Metrics(None, None))
     checkpointing: bool = False
     compiled: bool = False
+    copy_to: Path | None = None  # where --copy-to puts the zip
 
     @property
     def mine(self) -> int:
@@ -274,17 +282,10 @@ def setup(
     out = Path(cfg.output).expanduser()
     # only rank 0 reads the output folder (on several nodes it is rank 0's)
     checkpoint = distributed.broadcast(ranks, check_output(out, cfg) if ranks.main else None)
+    copy_to = copy_target(cfg) if ranks.main else None
     texts = read_dataset(cfg.dataset, cfg.recursive, cfg.skip_bad_files)  # fails in a second
     lm = _load_model(cfg, model, ranks, device)
-    check_resumable(
-        checkpoint,
-        cfg,
-        out,
-        dataset_hash=texts.content_hash,
-        model_source=lm.source,
-        bos_ids=lm.bos_ids,
-    )
-
+    check_resumable(checkpoint, cfg, out, texts.content_hash, lm)  # same data, model, layout
     init_sp = load_init_from(cfg.init_from, lm) if checkpoint is None and cfg.init_from else None
     n_tokens = resolve_tokens(cfg, lm.tokenizer, checkpoint, init_sp)
     # every sequence is [soft prompt][BOS, when the tokenizer puts one first][block], as
@@ -342,6 +343,7 @@ def setup(
         identity=identity,
         checkpoint=checkpoint,
         status=status,
+        copy_to=copy_to,
     )
 
 
@@ -554,9 +556,10 @@ def _first_compiled_step(run: Run, batch: torch.Tensor) -> bool:
     return True
 
 
-def _open_output(run: Run, resolved: TrainConfig) -> None:
+def _open_output(run: Run, asked: TrainConfig, resolved: TrainConfig) -> None:
     """The output folder, created only now that every check has passed (by rank 0 alone),
-    with the resolved options and the metrics file (trimmed back to a resumed checkpoint)."""
+    with config.toml (the options ``asked`` for, and in its [decided] table what the run
+    decided itself) and the metrics file (trimmed back to a resumed checkpoint)."""
     out, resumed = run.out, run.checkpoint is not None
     if run.ranks.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -564,7 +567,12 @@ def _open_output(run: Run, resolved: TrainConfig) -> None:
             for stale in (CHECKPOINT_FILE, METRICS_FILE, SOFTPROMPT_FILE):
                 with contextlib.suppress(FileNotFoundError):
                     (out / stale).unlink()
-        write_text(out / CONFIG_FILE, to_toml(resolved.to_dict()))
+        given, used = asked.to_dict(), resolved.to_dict()
+        # paths were made absolute in ``asked`` only: they are asked for, never decided
+        decided = {
+            k: v for k, v in used.items() if given[k] != v and k not in (*PATHS, "init_text")
+        }
+        write_text(out / CONFIG_FILE, to_toml(given, decided))
     run.metrics = Metrics(
         out / METRICS_FILE if run.ranks.main else None,
         keep_until=run.plan.start_step if resumed else None,
@@ -729,6 +737,9 @@ def finish(
     files = soft_prompt_files(sp, out)
     if run.ranks.main:
         write_soft_prompt(sp, files)
+        if run.copy_to is not None:
+            files["copy"] = copy_file(files["kobold"], run.copy_to)
+            log.info("copied %s to %s", files["kobold"].name, run.copy_to.parent)
     if val_before is not None:
         log.info(
             "validation loss %.4f -> %.4f (perplexity %.2f -> %.2f)",

@@ -250,9 +250,8 @@ def stop_after(setattr, stop_step: int) -> None:
     """Make the next training run behave as if Ctrl-C (or the launcher's SIGTERM) arrived
     during step ``stop_step``. ``setattr`` is ``monkeypatch.setattr``, or the builtin in a
     process of its own (tests/dist_worker.py)."""
-    import importlib
+    import softprompt.train as t
 
-    t = importlib.import_module("softprompt.train")  # softprompt.train is the function
     state = {"stop": False}
     original = t.Metrics.write
 

@@ -169,7 +169,7 @@ def test_batch_size_auto_is_resolved_printed_and_saved(tiny_models, corpus, tmp_
                        "--max-steps", 1, *args)  # fmt: skip
     assert code == 0, err
     assert f"--batch-size auto: {CPU_AUTO_BATCH} (the CPU default)" in err
-    assert read_toml(tmp_path / "out" / "config.toml")["batch_size"] == CPU_AUTO_BATCH
+    assert read_toml(tmp_path / "out" / "config.toml", decided=True)["batch_size"] == CPU_AUTO_BATCH
 
 
 def test_output_under_a_file_is_not_writable(tiny_models, corpus, tmp_path, capsys):
@@ -297,7 +297,7 @@ def test_checkpointing_is_decided_from_free_memory_unless_given(
     code, _, err = run(capsys, "train", "--dataset", corpus, "--output", tmp_path / "out",
                        "--model", tiny_models["llama"], "--max-steps", 1, *TINY, *flag)  # fmt: skip
     assert code == 0, err
-    assert read_toml(tmp_path / "out" / "config.toml")["checkpointing"] is expected
+    assert read_toml(tmp_path / "out" / "config.toml", decided=True)["checkpointing"] is expected
     decided = f"activation checkpointing {'on' if expected else 'off'}:"
     assert (decided in err) is (not flag)
 
@@ -350,4 +350,4 @@ def test_compile_is_decided_from_the_runs_length_unless_given(
     assert code == 0, err
     assert f"--compile {'on' if expected else 'off'}: the training steps take about" in err
     assert ("compiled the model's layers in" in err) is expected
-    assert read_toml(tmp_path / "out" / "config.toml")["compile"] is expected
+    assert read_toml(tmp_path / "out" / "config.toml", decided=True)["compile"] is expected

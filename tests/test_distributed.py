@@ -186,7 +186,7 @@ def test_batch_size_auto_on_cuda_picks_the_largest_that_fits(capsys, tiny_models
     )
     assert code == 0, err
     assert "--batch-size auto:" in err and "the largest that fits" in err
-    chosen = read_toml(tmp_path / "o" / "config.toml")["batch_size"]
+    chosen = read_toml(tmp_path / "o" / "config.toml", decided=True)["batch_size"]
     assert chosen == 64  # a tiny model: the search's starting size fits at once
 
 

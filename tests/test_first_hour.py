@@ -176,3 +176,144 @@ def test_a_folder_that_names_its_hub_id_is_recorded_by_it(tiny_models, tmp_path)
     config["_name_or_path"] = "/home/me/models/tiny"  # a path is never recorded
     (folder / "config.json").write_text(json.dumps(config))
     assert load_model(str(folder), device="cpu", dtype="float32").model_id == "my-copy"
+
+
+# --- runs that can be moved, rerun and resumed from anywhere
+
+
+def _train_args(corpus, out, model, *more):
+    return ["train", "--dataset", corpus, "--output", out, "--model", model, *TINY, *more]
+
+
+def test_a_run_resumes_from_another_folder_and_after_its_dataset_moved(
+    tiny_models, corpus, tmp_path, capsys, monkeypatch
+):
+    import shutil
+
+    from softprompt.config import read_toml
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(corpus, work / "texts")
+    monkeypatch.chdir(work)
+    model = tiny_models["gpt2"]
+    code, _, err = run_cli(capsys, *_train_args("texts", "runs/a", model, "--max-steps", 2))
+    assert code == 0, err
+    saved = read_toml(work / "runs" / "a" / "config.toml")
+    assert saved["dataset"] == str((work / "texts").resolve())  # absolute, not as typed
+    assert "output" not in saved
+    monkeypatch.chdir(tmp_path)  # elsewhere: only the folder is given
+    code, _, err = run_cli(
+        capsys, "train", "--output", work / "runs" / "a", "--resume", "--max-steps", 3
+    )
+    assert code == 0, err
+    shutil.move(work / "texts", tmp_path / "moved")
+    args = ["train", "--output", work / "runs" / "a", "--resume", "--max-steps", 4]
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, str((work / "texts").resolve()), "--dataset NEW_PATH")
+    code, _, err = run_cli(capsys, *args, "--dataset", tmp_path / "moved")
+    assert code == 0, err  # the same text: the fingerprint matches
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("Other words entirely. " * 400)
+    code, _, err = run_cli(
+        capsys, "train", "--output", work / "runs" / "a", "--resume", "--max-steps", 5,
+        "--dataset", tmp_path / "other",
+    )  # fmt: skip
+    assert_one_line_error(code, err, "changed since the checkpoint")
+
+
+def test_a_rerun_from_config_decides_anew_a_resume_keeps_the_decisions(
+    tiny_models, corpus, tmp_path, capsys
+):
+    from softprompt.config import read_toml
+
+    out = tmp_path / "a"
+    code, _, err = run_cli(
+        capsys, "train", "--dataset", corpus, "--output", out, "--model", tiny_models["gpt2"],
+        "--batch-size", "auto", "--max-steps", 2, "--no-report",
+    )  # fmt: skip
+    assert code == 0, err
+    text = (out / "config.toml").read_text()
+    asked, everything = read_toml(out / "config.toml"), read_toml(out / "config.toml", True)
+    assert asked["batch_size"] == "auto" and everything["batch_size"] == 4
+    assert "block_size" not in asked and everything["block_size"] > 0
+    assert "compile" not in asked and everything["compile"] is False
+    assert "[decided]" in text
+    # a rerun: the file names no output folder, so it needs a new one, and decides again
+    code, _, err = run_cli(capsys, "train", "--config", out / "config.toml")
+    assert_one_line_error(code, err, "--output is required", "a rerun")
+    code, _, err = run_cli(
+        capsys, "train", "--config", out / "config.toml", "--output", tmp_path / "b"
+    )
+    assert code == 0, err
+    assert "--batch-size auto: 4" in err and "--compile off" in err
+    # a resume keeps them: no deciding again
+    code, _, err = run_cli(capsys, "train", "--output", out, "--resume", "--max-steps", 3)
+    assert code == 0, err
+    assert "--batch-size auto" not in err and "--compile off" not in err
+
+
+def test_copy_to_puts_the_zip_in_koboldais_folder(tiny_models, corpus, tmp_path, capsys):
+    kobold = tmp_path / "koboldai" / "softprompts"
+    args = _train_args(corpus, tmp_path / "a", tiny_models["gpt2"], "--max-steps", 1)
+    code, _, err = run_cli(capsys, *args, "--name", "Bard", "--copy-to", tmp_path / "nowhere")
+    assert_one_line_error(code, err, "--copy-to", "not an existing folder")
+    assert not (tmp_path / "a").exists()
+    kobold.mkdir(parents=True)
+    code, _, err = run_cli(capsys, *args, "--name", "Bard", "--copy-to", kobold)
+    assert code == 0, err
+    assert (kobold / "Bard.zip").read_bytes() == (tmp_path / "a" / "Bard.zip").read_bytes()
+    # extending the run replaces its own copy; another run of the same name needs --force
+    code, _, err = run_cli(
+        capsys, "train", "--output", tmp_path / "a", "--resume", "--max-steps", 2
+    )
+    assert code == 0, err
+    assert (kobold / "Bard.zip").read_bytes() == (tmp_path / "a" / "Bard.zip").read_bytes()
+    other = _train_args(corpus, tmp_path / "b", tiny_models["gpt2"], "--max-steps", 1)
+    code, _, err = run_cli(capsys, *other, "--name", "Bard", "--copy-to", kobold)
+    assert_one_line_error(code, err, "already holds a Bard.zip", "--force")
+    assert not (tmp_path / "b").exists()
+    # convert too
+    code, out, err = run_cli(
+        capsys, "convert", tmp_path / "a" / "Bard.zip", tmp_path / "c.zip", "--copy-to", kobold
+    )
+    assert code == 0, err and (kobold / "c.zip").is_file() and "copied to" in out
+    code, _, err = run_cli(
+        capsys, "convert", tmp_path / "a" / "Bard.zip", tmp_path / "c.zip", "--copy-to", kobold
+    )
+    assert_one_line_error(code, err, "already holds a c.zip", "--force")
+
+
+def test_a_soft_prompt_for_another_model_says_so_on_a_line_of_its_own(
+    tiny_models, tmp_path, capsys
+):
+    sp = SoftPrompt(np_tensor(7, 48), {"name": "big", "model": "someone/big-model"})
+    sp.save(tmp_path / "big.zip")
+    code, out, err = run_cli(
+        capsys, "generate", "--model", tiny_models["gpt2"], "--softprompt", tmp_path / "big.zip",
+        "--max-new-tokens", 4, "Hello",
+    )  # fmt: skip
+    assert out == ""  # nothing echoed before the error
+    assert_one_line_error(code, err, "big.zip", "width 48", "(gpt2) are 32", "someone/big-model")
+
+
+def np_tensor(n, d):
+    import torch
+
+    return torch.randn(n, d)
+
+
+def test_a_closed_pipe_ends_quietly(tiny_models, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    SoftPrompt(np_tensor(2000, 32), {"name": "x"}).save(tmp_path / "x.zip")  # pages of output
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # far more than a pipe's buffer, so the writer is still writing when head has gone
+    model = tiny_models["gpt2"]
+    cmd = f"{sys.executable} -m softprompt inspect {tmp_path / 'x.zip'} --model {model} --top-k 20"
+    cmd += " | head -1"
+    proc = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd}"], capture_output=True, env=env)
+    assert proc.stdout.count(b"\n") == 1 and proc.returncode == 141
+    assert b"error" not in proc.stderr and b"Traceback" not in proc.stderr, proc.stderr

@@ -4,7 +4,6 @@ would mix a checkpoint with another model."""
 from __future__ import annotations
 
 import collections
-import importlib
 import shutil
 
 import pytest
@@ -17,8 +16,7 @@ from softprompt.checkpoint import load_checkpoint, space_needed
 from softprompt.errors import RunError
 from softprompt.fileio import format_bytes
 
-# the module (the attribute softprompt.train is the function)
-train_module = importlib.import_module("softprompt.train")
+train_module = train  # the module, callable as the function
 
 TINY = [
     "--block-size",

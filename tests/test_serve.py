@@ -6,7 +6,6 @@ routes, the busy queue, the API key, and bad requests."""
 from __future__ import annotations
 
 import http.client
-import importlib
 import json
 import re
 import signal
@@ -20,12 +19,11 @@ import pytest
 import torch
 from conftest import ROOT, assert_one_line_error, run_cli
 
+import softprompt.generate as generate_mod
 from softprompt import SoftPrompt
 from softprompt.formats import save
 from softprompt.generate import generate
 from softprompt.serve import Server
-
-generate_mod = importlib.import_module("softprompt.generate")  # softprompt.generate: the function
 
 PROMPT = "It is a truth universally acknowledged, that a single man"
 SOFT_NAMES = ["alpha.zip", "beta.safetensors", "wrong.zip"]
