@@ -364,6 +364,10 @@ def train_tracks(s: Setup, tracks: list[Track], seed: int, record, group: int) -
             t.opt.zero_grad(set_to_none=True)
             t.step += 1
             t.dead = not (math.isfinite(t.losses[-1]) and bool(torch.isfinite(t.soft).all()))
+        if step % 10 == 0:
+            print(
+                f"  step {step}: {len(active)} runs, {time.perf_counter() - t0:.0f} s", flush=True
+            )
         due = [t for t in active if t.step in t.score_at or t.dead]
         if due:
             scoring = time.perf_counter()
