@@ -225,6 +225,19 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "cache"))
 
 
+def raw_request(server, data: bytes, timeout: float = 10.0) -> bytes:
+    """What a listening ``server`` sends back for the raw bytes ``data`` on a fresh
+    connection, until it closes it."""
+    import socket
+
+    with socket.create_connection(server.server_address[:2], timeout=timeout) as s:
+        s.sendall(data)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+        return got
+
+
 def run_cli(capsys, *argv):
     """Run the `softprompt` command in-process: (exit code, stdout, stderr)."""
     from softprompt.cli import main

@@ -7,11 +7,11 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import socket
 import threading
 import time
 
 import pytest
+from conftest import raw_request
 
 from softprompt.errors import ConfigError
 from softprompt.http import (
@@ -97,15 +97,6 @@ def request(listener, method, path, body=None, headers=None):
         conn.close()
 
 
-def raw(listener, data: bytes, timeout: float = 10.0) -> bytes:
-    with socket.create_connection(listener.server_address[:2], timeout=timeout) as s:
-        s.sendall(data)
-        got = b""
-        while chunk := s.recv(65536):
-            got += chunk
-        return got
-
-
 def test_route_table_params_404_405_and_head(demo):
     assert request(demo, "GET", "/hello/a%20b")[2] == {"name": "a b"}
     assert request(demo, "GET", "/q?x=1&y=%C3%A9")[2] == {"x": "1", "y": "é"}
@@ -157,13 +148,13 @@ def test_strict_json_and_deep_nesting_are_400_not_500(demo):
 def test_body_limits(demo):
     status, _, body = request(demo, "POST", "/echo", b"x" * 101)
     assert status == 413 and "limit of 100" in body["error"]
-    chunked = raw(
+    chunked = raw_request(
         demo,
         b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
     )
     assert chunked.startswith(b"HTTP/1.1 411 ")
     for length in (b"-1", b"1_0", b"\xb2", b"+2"):
-        got = raw(
+        got = raw_request(
             demo, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\n{}"
         )
         assert got.startswith(b"HTTP/1.1 400 "), got
@@ -172,15 +163,15 @@ def test_body_limits(demo):
 
 def test_an_unread_body_closes_the_connection(demo):
     """A route that leaves the body unread: the body must not be read as the next request."""
-    got = raw(demo, b"GET /hello/x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+    got = raw_request(demo, b"GET /hello/x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
     assert got.startswith(b"HTTP/1.1 200 ") and got.count(b"HTTP/1.1 ") == 1  # then closed
 
 
 def test_the_standard_librarys_refusals_are_json(demo):
-    got = raw(demo, b"GET /" + b"x" * 70_000 + b" HTTP/1.1\r\n\r\n")
+    got = raw_request(demo, b"GET /" + b"x" * 70_000 + b" HTTP/1.1\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 414 "), got[:100]
     assert "error" in json.loads(got.split(b"\r\n\r\n", 1)[1])
-    got = raw(demo, b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = raw_request(demo, b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n")
     assert b" 501 " in got.split(b"\r\n", 1)[0]
     assert "error" in json.loads(got.split(b"\r\n\r\n", 1)[1])
 
@@ -188,9 +179,11 @@ def test_the_standard_librarys_refusals_are_json(demo):
 def test_idle_connections_are_closed(demo):
     demo.app.idle_timeout = 0.5
     t0 = time.monotonic()
-    assert raw(demo, b"") == b""
-    assert raw(demo, b"GET /hello/x HTTP/1.1\r\nHost: x\r\n") == b""
-    assert raw(demo, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{") == b""
+    assert raw_request(demo, b"") == b""
+    assert raw_request(demo, b"GET /hello/x HTTP/1.1\r\nHost: x\r\n") == b""
+    assert (
+        raw_request(demo, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{") == b""
+    )
     assert time.monotonic() - t0 < 5
     assert request(demo, "GET", "/hello/x")[0] == 200
 
@@ -205,9 +198,10 @@ def test_serve_closes_idle_connections_too(tiny_llama):
         assert srv.idle_timeout == 120
         srv.idle_timeout = 0.5
         t0 = time.monotonic()
-        assert raw(srv.httpd, b"") == b""
+        assert raw_request(srv.httpd, b"") == b""
         assert (
-            raw(srv.httpd, b"POST /api/v1/generate HTTP/1.1\r\nContent-Length: 9\r\n\r\n{") == b""
+            raw_request(srv.httpd, b"POST /api/v1/generate HTTP/1.1\r\nContent-Length: 9\r\n\r\n{")
+            == b""
         )
         assert time.monotonic() - t0 < 5
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import raw_request
 
 from softprompt import ui
 from softprompt.config import FIELDS
@@ -468,16 +468,6 @@ def test_run_ids_are_plain_and_paths_absolute(server, tmp_path, monkeypatch):
 @pytest.fixture
 def no_launch(monkeypatch):
     monkeypatch.setattr(ui.Workspace, "_launch", lambda self, folder, args: None)
-
-
-def raw_request(srv, data: bytes, timeout: float = 10.0) -> bytes:
-    """What the server sends back for ``data`` on a fresh connection, until it closes it."""
-    with socket.create_connection(srv.server_address[:2], timeout=timeout) as s:
-        s.sendall(data)
-        got = b""
-        while chunk := s.recv(65536):
-            got += chunk
-        return got
 
 
 def make_run(ws: ui.Workspace, run_id: str, job: str | None = None) -> Path:
