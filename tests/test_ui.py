@@ -1017,7 +1017,8 @@ def test_the_page_deletes_a_run_and_a_dataset_after_asking(page, server):
     page.wait_for_selector("#detail", state="hidden")
     assert not (server.workspace.runs / "old").exists()
     assert "old" in asked[0] and "cannot be undone" in asked[0]
-    assert page.is_visible("#runs-empty")
+    # the list is refreshed after the detail closes: wait for it, do not race it
+    page.wait_for_selector("#runs-empty", state="visible")
 
     page.wait_for_selector("#datasets li[data-name='austen']")
     page.once("dialog", lambda d: answer(d, True))
