@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import logging
 import os
 import sys
@@ -46,7 +47,29 @@ log = logging.getLogger("softprompt")
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line as one line (exit code 2), without usage."""
+    """argparse that reports a bad command line as one line (exit code 2), without usage,
+    and takes options only as spelled in full (`generate --prompt X` is not --prompt-file)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """Unknown arguments are reported by the command they were given to, with the
+        nearest option it has (`generate --prompt`: did you mean --prompt-file?)."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            where: argparse.ArgumentParser = self
+            for action in self._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    where = action.choices.get(getattr(ns, action.dest, None), self)
+            known = [o for a in where._actions for o in a.option_strings]
+            given = extras[0].split("=")[0]
+            longer = [o for o in known if o.startswith(given) and o.startswith("--")]
+            near = longer or difflib.get_close_matches(given, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(near)}?" if given.startswith("-") and near else ""
+            where.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return ns
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
@@ -297,9 +320,9 @@ def read_prompt(opts: GenerateOptions) -> str:
         from .data import read_text
 
         try:
-            return read_text(Path(opts.prompt_file).expanduser())
+            return read_text(Path(opts.prompt_file).expanduser(), what="--prompt-file")
         except SoftPromptError as e:
-            raise ConfigError(f"--prompt-file: {e}") from None
+            raise ConfigError(str(e)) from None
     if sys.stdin is None or sys.stdin.isatty():
         raise ConfigError(
             "generate needs a prompt: give it as an argument, with --prompt-file, or on standard input"

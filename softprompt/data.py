@@ -162,27 +162,27 @@ def _walk_error(err: OSError) -> None:
     raise DataError(f"dataset folder {err.filename} cannot be read: {err.strerror}")
 
 
-def read_text(path: Path) -> str:
-    """A file's text: UTF-8, BOM stripped, CRLF and CR turned into LF. DataError if not text."""
+def read_text(path: Path, what: str = "dataset file") -> str:
+    """A file's text: UTF-8, BOM stripped, CRLF and CR turned into LF. DataError if not text;
+    its message calls the file ``what``."""
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise DataError(f"dataset file {path} cannot be read: {e.strerror}") from None
-    return decode_text(raw, path)
+        raise DataError(f"{what} {path} cannot be read: {e.strerror}") from None
+    return decode_text(raw, path, what)
 
 
-def decode_text(raw: bytes, path: Path | str) -> str:
+def decode_text(raw: bytes, path: Path | str, what: str = "dataset file") -> str:
+    skip = ", or pass --skip-bad-files" if what == "dataset file" else ""
     if b"\x00" in raw:
         raise DataError(
-            f"dataset file {path} looks binary (it has NUL bytes): give UTF-8 text files, "
-            "or pass --skip-bad-files"
+            f"{what} {path} looks binary (it has NUL bytes): give a UTF-8 text file{skip}"
         )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(
-            f"dataset file {path} is not valid UTF-8 (byte {e.start}): re-save it as UTF-8, "
-            "or pass --skip-bad-files"
+            f"{what} {path} is not valid UTF-8 (byte {e.start}): re-save it as UTF-8{skip}"
         ) from None
     if text.startswith("\ufeff"):
         text = text[1:]

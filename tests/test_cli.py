@@ -351,3 +351,22 @@ def test_compile_is_decided_from_the_runs_length_unless_given(
     assert f"--compile {'on' if expected else 'off'}: the training steps take about" in err
     assert ("compiled the model's layers in" in err) is expected
     assert read_toml(tmp_path / "out" / "config.toml", decided=True)["compile"] is expected
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        # argparse would have read --prompt as --prompt-file and a prompt as a file name
+        (["generate", "--prompt", "Once"], ["--prompt", "did you mean --prompt-file?"]),
+        (["train", "--max-step", "3"], ["--max-step 3", "did you mean --max-steps?"]),
+        (["serve", "--comp"], ["--comp", "did you mean --compile?", "softprompt serve --help"]),
+        (["generate", "--prompt-file", "{binary}"], ["--prompt-file", "looks binary"]),
+        (["generate", "--prompt-file", "{tmp}/none.txt"], ["--prompt-file", "cannot be read"]),
+    ],
+)
+def test_options_are_spelled_in_full_and_misspellings_get_a_hint(tmp_path, capsys, argv, needles):
+    (tmp_path / "b.txt").write_bytes(b"a\x00b")
+    argv = [a.format(tmp=tmp_path, binary=tmp_path / "b.txt") for a in argv]
+    code, out, err = run(capsys, *argv)
+    assert_one_line_error(code, err, *needles)
+    assert "dataset file" not in err and "--skip-bad-files" not in err
