@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,7 +311,10 @@ def find_model(spec: str | os.PathLike | None, dtype: torch.dtype) -> ModelSourc
                 raise ModelError(
                     f"model path {spec_str} does not exist: give a model folder, a .gguf file or a Hugging Face id"
                 )
-            return ModelSource(spec_str, None, spec_str, {})  # a hub id
+            if hub_reachable():
+                return ModelSource(spec_str, None, spec_str, {})  # a hub id
+            # offline: what the hub cache holds, at once (not after a minute of retries)
+            return ModelSource(spec_str, None, spec_str, {"local_files_only": True})
     assert path is not None
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -333,6 +337,26 @@ def find_model(spec: str | os.PathLike | None, dtype: torch.dtype) -> ModelSourc
     except ImportError:  # pragma: no cover - older transformers always dequantize
         pass
     return ModelSource(spec_str, path, str(path.parent), load_args, cache)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be reached (HF_HUB_OFFLINE set: no). Asked before a
+    hub id is loaded: offline, transformers would retry for half a minute before falling
+    back to the models it has cached."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection(
+            (url.hostname or "", url.port or (443 if url.scheme == "https" else 80)), timeout
+        ):
+            return True
+    except OSError:
+        return False
 
 
 def load_model(
@@ -392,6 +416,11 @@ def _from_pretrained(src: ModelSource, kwargs: dict, trust_remote_code: bool) ->
                 src.folder, trust_remote_code=trust_remote_code, **plain
             )
     except Exception as e:  # transformers raises many kinds here
+        if src.path is None and src.load_args.get("local_files_only"):
+            raise ModelError(
+                f"model {src.spec} is not in this machine's Hugging Face cache and the hub "
+                "cannot be reached: connect and retry, or give a model folder or a .gguf file"
+            ) from e
         raise ModelError(f"cannot read the model config of {src.spec}: {_first_line(e)}") from e
     if not _is_causal_lm(config):
         raise ModelError(

@@ -52,13 +52,24 @@ def test_path_errors(tmp_path):
         m.load_model(str(tmp_path / "broken.gguf"))
 
 
-def test_hub_id_without_network_is_a_clear_error(monkeypatch):
+@pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "unreachable"])
+def test_hub_id_without_network_is_a_clear_error(monkeypatch, how):
+    """Offline (told, or the hub's host does not resolve), a hub id not in the cache is one
+    line saying so at once, not after transformers' retries."""
     import huggingface_hub.constants
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
-    with pytest.raises(ModelError, match="no-such-org/no-such-model"):
+    if how == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import
+    else:
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")
+    assert not m.hub_reachable()
+    with pytest.raises(ModelError) as err:
         m.load_model("no-such-org/no-such-model")
+    msg = str(err.value)
+    assert msg.startswith("model no-such-org/no-such-model is not in this machine's Hugging Face")
+    assert "cannot be reached" in msg and "\n" not in msg
 
 
 def test_gguf_names():
