@@ -637,6 +637,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_listen_options(opts.port, opts.queue, opts.api_key, opts.max_length_limit)
     resolve_softprompts(opts.softprompts, opts.softprompt)
     lm = load_model_from_args(args)
+    if opts.compile:
+        warm_up_compiled(lm)
     server = Server(
         lm,
         opts.softprompts,
@@ -666,6 +668,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         server.close()
     return 0
+
+
+def warm_up_compiled(lm) -> None:
+    """`serve --compile`: compile the one-token step now, before clients come."""
+    from .engine import engine_of
+
+    engine = engine_of(lm)
+    engine.compile = True
+    print("softprompt serve: compiling the decode step (once; a minute or more)...", flush=True)
+    t0 = time.perf_counter()
+    engine.warm_up(lm)
+    if engine.compile:  # still on: it compiled
+        print(f"softprompt serve: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def setup_logging(debug: bool, quiet: bool) -> None:

@@ -29,6 +29,12 @@ query heads instead of sdpa, which copies the keys for every query head and runs
 kernel for one row (a whole step of the default model at a 1,000-token context, 1 thread:
 118 ms with sdpa, 71 ms). Models whose cache is not one plain ``DynamicLayer`` per layer (sliding windows,
 linear attention, shared KV) run the plain loop: one prefill, the model's own cache, no reuse.
+
+``Engine(compile=True)`` (``serve --compile``) runs that single-token step under
+``torch.compile`` (dynamic shapes: the cache grows a position a step). It takes a minute or
+more to compile once, then decodes faster (bench/decode_compile.py has the figures); where
+it cannot compile (no C++ compiler, a model dynamo cannot trace) the step falls back to the
+plain one for good, with a warning, and the tokens are the same either way.
 """
 
 from __future__ import annotations
@@ -302,12 +308,15 @@ class Engine:
         chunk: int = CHUNK,
         max_bytes: int = MAX_BYTES,
         max_entries: int = MAX_ENTRIES,
+        compile: bool = False,
     ):
         if chunk < 1:
             raise ValueError("chunk must be at least 1")
         self.reuse, self.fast, self.chunk = reuse, fast, chunk
         self.max_bytes, self.max_entries = max_bytes, max_entries
         self.stats = Stats()
+        self.compile = compile  # the single-token step under torch.compile
+        self._compiled: dict[int, Any] = {}  # id(model) -> its compiled module
         self._entries: list[Entry] = []  # the most recently used last
         self._lock = threading.Lock()
 
@@ -346,6 +355,30 @@ class Engine:
             ):
                 total -= self._entries.pop(0).nbytes
 
+    def compiled(self, model: Model):
+        """``model`` under ``torch.compile`` (made on first use; compiling happens on its
+        first call)."""
+        with self._lock:
+            if id(model) not in self._compiled:
+                self._compiled[id(model)] = torch.compile(model, dynamic=True)
+            return self._compiled[id(model)]
+
+    def warm_up(self, lm, steps: int = 3) -> None:
+        """A short request of nothing in particular, so that compiling (``compile=True``)
+        happens now and not at the first real request; it leaves no kept cache."""
+        ids = lm.tokenizer("Once upon a time", add_special_tokens=False)["input_ids"]
+        soft = torch.zeros(0, lm.embed_dim, device=lm.device)
+        run = self.session(lm, soft, lm.bos_ids + ids, reserve=steps)
+        try:
+            scores = run.prefill()
+            for _ in range(steps):
+                with torch.inference_mode():  # the token as `generate` makes it (a guard)
+                    token = scores.argmax(dim=-1, keepdim=True)
+                scores = run.step(token)
+        finally:
+            run.cache = None  # nothing to keep
+        self.clear()
+
     def clear(self) -> None:
         """Free every kept cache."""
         with self._lock:
@@ -378,11 +411,11 @@ class Session:
         self._key = _logits_kwarg(self.model.__class__)
         self._cache_key = cache_kwarg(self.model.__class__)
 
-    def _run(self, **inputs) -> torch.Tensor:
+    def _run(self, forward=None, **inputs) -> torch.Tensor:
         extra = {self._key: 1} if self._key else {}
         if self.cache is not None:
             extra[self._cache_key] = self.cache
-        out = self.model(use_cache=True, **inputs, **extra)
+        out = (self.model if forward is None else forward)(use_cache=True, **inputs, **extra)
         self.cache = cache_of(out)
         return out.logits[:, -1].float()
 
@@ -424,6 +457,19 @@ class Session:
             if not self.fast:
                 return self._run(input_ids=token)
             with fast_decode(self.model):
+                if self.engine.compile:
+                    before = cache_length(self.cache)
+                    try:
+                        return self._run(self.engine.compiled(self.model), input_ids=token)
+                    except Exception as e:  # cannot compile here: the plain step, for good
+                        self.engine.compile = False
+                        log.warning(
+                            "note: the decode step could not be compiled (%s: %s); "
+                            "running it uncompiled",
+                            type(e).__name__,
+                            str(e).strip().splitlines()[0][:200] if str(e).strip() else "",
+                        )
+                        truncate(self.cache, before)  # what a partial run may have written
                 return self._run(input_ids=token)
 
     def close(self) -> None:

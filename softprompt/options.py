@@ -135,6 +135,12 @@ class ServeOptions:
         "the soft prompt and one prompt token)",
         "N",
     )
+    compile: bool = option(
+        False,
+        "compile the model's one-token step with torch.compile before serving: decoding about "
+        "1.2x as fast on a CPU, after a minute or more of compiling at start (needs a C++ "
+        "compiler; without one it warns and runs uncompiled)",
+    )
 
 
 T = TypeVar("T")

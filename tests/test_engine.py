@@ -190,3 +190,48 @@ def test_sliding_window_models_run_the_plain_loop(tiny_models):
     got = _run(lm, engine, ids, torch.zeros(0, lm.embed_dim), **GREEDY)
     assert engine.kept == [] and engine.stats.reused == 0
     assert got == _run(lm, Engine(fast=False), ids, torch.zeros(0, lm.embed_dim), **GREEDY)
+
+
+def test_the_compiled_step_gives_the_plain_steps_tokens(tiny_llama):
+    """`serve --compile`: after the warm-up, a replayed session, greedy and sampled, gives
+    the tokens of the uncompiled step, running compiled (no fallback) across contexts of
+    every length without compiling again."""
+    from torch._dynamo.utils import counters
+
+    sampled = dict(temperature=0.9, top_p=0.9, top_k=30, repetition_penalty=1.1, seed=5)
+    compiled = Engine(chunk=CHUNK, max_entries=3, compile=True)
+    compiled.warm_up(tiny_llama)  # as `serve --compile` does before it listens
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1 and compiled.kept == []
+    for opts in (GREEDY, sampled):
+        want = _replay(tiny_llama, Engine(chunk=CHUNK, max_entries=3), **opts)
+        assert _replay(tiny_llama, compiled, **opts) == want
+    assert compiled.compile and compiled._compiled  # still on: nothing fell back
+    assert counters["stats"]["unique_graphs"] == graphs  # and nothing compiled again
+
+
+def test_a_step_that_cannot_compile_falls_back_with_a_warning(tiny_llama, monkeypatch, caplog):
+    """Where torch.compile fails (here: after the model wrote to the cache, as a half-run
+    graph would), the step runs uncompiled for good, with a warning, and the tokens are the
+    plain step's; the warm-up leaves no cache behind."""
+    calls = []
+
+    def broken_compile(model, **kw):
+        def run(*args, **kwargs):
+            calls.append(1)
+            model(*args, **kwargs)  # writes this position's keys and values
+            raise RuntimeError("InductorError: no C++ compiler found\nmore lines")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    engine = Engine(chunk=CHUNK, max_entries=3, compile=True)
+    engine.warm_up(tiny_llama)
+    assert not engine.compile and calls == [1] and engine.kept == []
+    assert "could not be compiled (RuntimeError: InductorError: no C++ compiler found)" in (
+        caplog.text
+    )
+    engine.compile = True  # once more, now in a real session
+    want = _replay(tiny_llama, Engine(chunk=CHUNK, max_entries=3), **GREEDY)
+    assert _replay(tiny_llama, engine, **GREEDY) == want
+    assert not engine.compile and len(calls) == 2
