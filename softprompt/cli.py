@@ -54,7 +54,7 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
-    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
         """Unknown arguments are reported by the command they were given to, with the
         nearest option it has (`generate --prompt`: did you mean --prompt-file?)."""
         ns, extras = self.parse_known_args(args, namespace)
@@ -62,7 +62,7 @@ class ArgumentParser(argparse.ArgumentParser):
             where: argparse.ArgumentParser = self
             for action in self._actions:
                 if isinstance(action, argparse._SubParsersAction):
-                    where = action.choices.get(getattr(ns, action.dest, None), self)
+                    where = action.choices.get(str(getattr(ns, action.dest, "")), self)
             known = [o for a in where._actions for o in a.option_strings]
             given = extras[0].split("=")[0]
             longer = [o for o in known if o.startswith(given) and o.startswith("--")]
