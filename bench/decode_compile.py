@@ -31,59 +31,11 @@ from pathlib import Path
 
 import torch
 
+# the client session's bench: its clock, its two ways of generating and its story
+from serve_speed import run_generate, run_ours, story_ids  # bench/ is on sys.path
+
 from softprompt import load_model
 from softprompt.engine import Engine
-from softprompt.generate import stream_ids
-
-STORY = Path(__file__).resolve().parent.parent / "examples" / "pride_and_prejudice"
-
-
-class Clock:
-    """A `generate` streamer noting when each new token comes (the first put is the prompt)."""
-
-    def __init__(self):
-        self.t0 = time.perf_counter()
-        self.times: list[float] = []
-        self.seen = False
-
-    def put(self, value) -> None:
-        if self.seen:
-            self.times.append(time.perf_counter() - self.t0)
-        self.seen = True
-
-    def end(self) -> None:
-        pass
-
-
-def run_generate(lm, ids, n, static: bool):
-    from transformers import CompileConfig
-
-    clock = Clock()
-    kw: dict = dict(
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        pad_token_id=lm.eos_token_id,
-        streamer=clock,
-    )
-    if static:
-        cfg = CompileConfig(fullgraph=False, mode="default", dynamic=False)
-        cfg._compile_all_devices = True  # transformers compiles on CUDA only unless told
-        kw.update(cache_implementation="static", compile_config=cfg)
-    with torch.inference_mode():
-        out = lm.model.generate(torch.tensor([ids]), **kw)[0, len(ids) :]
-    return out.tolist(), clock.times[0], clock.times[-1]
-
-
-def run_engine(lm, engine, ids, n):
-    t0, first, out = time.perf_counter(), None, []
-    kw = dict(max_new_tokens=n, temperature=0, repetition_penalty=1.0, ban_eos=True)
-    for t in stream_ids(lm, ids, torch.zeros(0, lm.embed_dim), engine=engine, **kw):
-        if first is None:
-            first = time.perf_counter() - t0
-        out.append(t)
-    return out, first, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -101,15 +53,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, device="cpu")
     print(f"{lm.name}, {lm.model.dtype}, {args.threads} threads, torch {torch.__version__}")
-    text = "\n\n".join(p.read_text() for p in sorted(STORY.glob("chapter_*.txt")))
-    ids = lm.bos_ids + lm.tokenizer(text, add_special_tokens=False)["input_ids"][: args.context]
+    ids = story_ids(lm, args.context)
+    none = torch.zeros(0, lm.embed_dim)  # no soft prompt
 
     compiled = Engine(reuse=False, compile=True)
     runs = {
-        "generate": lambda: run_generate(lm, ids, args.new_tokens, static=False),
-        "static+compile": lambda: run_generate(lm, ids, args.new_tokens, static=True),
-        "engine": lambda: run_engine(lm, Engine(reuse=False), ids, args.new_tokens),
-        "engine+compile": lambda: run_engine(lm, compiled, ids, args.new_tokens),
+        "generate": lambda: run_generate(lm, ids, none, args.new_tokens),
+        "static+compile": lambda: run_generate(lm, ids, none, args.new_tokens, static=True),
+        "engine": lambda: run_ours(lm, Engine(reuse=False), ids, none, args.new_tokens),
+        "engine+compile": lambda: run_ours(lm, compiled, ids, none, args.new_tokens),
     }
     if args.only:
         runs = {k: v for k, v in runs.items() if k in args.only.split(",")}

@@ -80,10 +80,12 @@ def run_ours(lm, engine, ids, soft, n) -> tuple[list[int], float, float]:
     return out, first, time.perf_counter() - t0
 
 
-def run_generate(lm, ids, soft, n) -> tuple[list[int], float, float]:
+def run_generate(lm, ids, soft, n, static: bool = False) -> tuple[list[int], float, float]:
+    """``model.generate``; ``static``: with transformers' StaticCache and its compiled
+    forward (allowed on a CPU, which transformers compiles for only when told)."""
     clock = Clock()
     ids_t = torch.tensor([ids])
-    kw = dict(
+    kw: dict = dict(
         attention_mask=torch.ones(1, soft.shape[0] + len(ids), dtype=torch.long),
         max_new_tokens=n,
         min_new_tokens=n,
@@ -91,6 +93,12 @@ def run_generate(lm, ids, soft, n) -> tuple[list[int], float, float]:
         pad_token_id=lm.eos_token_id,
         streamer=clock,
     )
+    if static:
+        from transformers import CompileConfig
+
+        cfg = CompileConfig(fullgraph=False, mode="default", dynamic=False)
+        cfg._compile_all_devices = True
+        kw.update(cache_implementation="static", compile_config=cfg)
     with torch.inference_mode():
         if soft.shape[0]:
             out = lm.model.generate(inputs_embeds=prepend(lm.model, soft, ids_t), **kw)[0]
