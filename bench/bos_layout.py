@@ -14,11 +14,11 @@ The model must put a BOS token first (``LoadedModel.bos_ids``); the default mode
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
 import torch
+from plain_step import update  # bench/ is on sys.path
 
 import softprompt
 from softprompt.checkpoint import lr_schedule
@@ -94,13 +94,7 @@ def main() -> None:
         for step in range(args.steps):
             batch = batches.batch(step * args.batch_size)
             loss = block_loss(lm.model, prefix_of(soft), batch, lead=lead)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([soft], 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if not math.isfinite(loss.item()):
-                raise SystemExit(f"{name}: diverged at step {step + 1}")
+            update(soft, opt, sched, loss, name, step)
         after = held_out(prefix_of(soft.detach()), lead)
         print(f"{name:18} {before:15.4f} {after:8.4f} {time.perf_counter() - t0:8.0f}", flush=True)
 

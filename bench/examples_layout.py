@@ -24,7 +24,6 @@ ran (soft prompt included): what the work grows with.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import numpy as np
@@ -67,6 +66,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+    from plain_step import update  # bench/ is on sys.path
 
     from softprompt.checkpoint import lr_schedule
     from softprompt.data import load_corpus, split_rows
@@ -109,13 +109,7 @@ def main() -> None:
             ids_np, mask_np = rows.take(idx)
             ids, mask = torch.from_numpy(ids_np), torch.from_numpy(mask_np)
             loss = block_loss(lm.model, soft, ids, lead=lead, mask=mask)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([soft], 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if not math.isfinite(loss.item()):
-                raise SystemExit(f"{name}: diverged at step {step + 1}")
+            update(soft, opt, sched, loss, name, step)
             positions += ids.shape[0] * (args.tokens + len(lm.bos_ids) + ids.shape[1])
             real += sum(len(rows.ids[i]) for i in idx)
         seconds = time.perf_counter() - t0
