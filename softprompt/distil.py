@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .engine import cache_kwarg
+from .engine import cache_kwarg, cache_of
 from .errors import ConfigError
 from .hf_types import Model
 from .loss import _ChunkBuffers, _RowLosses, fused_head
@@ -141,8 +141,7 @@ class Teacher:
         else:
             out = self.model(input_ids=ids, use_cache=True, **kwargs)
             states = out.logits
-        cache = getattr(out, "cache", None)
-        return states, cache if cache is not None else out.past_key_values
+        return states, cache_of(out)
 
     def _prefix(self) -> tuple[torch.Tensor, object]:
         """The written prompt's last state (predicting a block's first token) and KV cache,
