@@ -87,7 +87,7 @@ def main() -> None:
     for name, (prefix_of, lead) in layouts.items():
         soft = torch.nn.Parameter(init.clone())
         opt = torch.optim.AdamW([soft], lr=args.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(args.steps, 0.1))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(args.steps, 0.1, 0.1))
         batches = BatchSampler(train_blocks, args.batch_size, args.seed, lm.device)
         before = held_out(prefix_of(soft.detach()), lead)
         t0 = time.perf_counter()

@@ -100,7 +100,7 @@ def main() -> None:
     for name, (rows, batch) in layouts.items():
         soft = torch.nn.Parameter(init.clone())
         opt = torch.optim.AdamW([soft], lr=args.lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(args.steps, 0.1))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(args.steps, 0.1, 0.1))
         order = np.random.default_rng(args.seed).permutation(len(rows))
         positions = real = 0
         t0 = time.perf_counter()

@@ -176,6 +176,7 @@ def run_peft(args) -> dict:
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
     from softprompt.checkpoint import lr_schedule
+    from softprompt.config import DEFAULT_DECAY_TO
     from softprompt.data import BatchSampler
 
     lm, load_s, train_blocks, val_blocks, init = common_setup(args)
@@ -186,7 +187,9 @@ def run_peft(args) -> dict:
         model.prompt_encoder["default"].embedding.weight.copy_(init)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(args.steps, 0.1))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_schedule(args.steps, 0.1, DEFAULT_DECAY_TO)
+    )  # softprompt's
     batches = BatchSampler(train_blocks, args.batch_size, args.seed, torch.device("cpu"))
 
     def val_loss() -> float:

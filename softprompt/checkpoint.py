@@ -107,7 +107,7 @@ class TrainState:
             for group in optimizer.param_groups:
                 group["initial_lr"] = cfg.lr
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_schedule(total_steps, cfg.warmup), last_epoch=start_step - 1
+            optimizer, lr_schedule(total_steps, cfg.warmup, cfg.decay_to), last_epoch=start_step - 1
         )
         return cls(soft, optimizer, scheduler, start_step, start_step * samples_per_step)
 
@@ -184,15 +184,17 @@ def make_optimizer(cfg: TrainConfig, soft: torch.nn.Parameter) -> torch.optim.Op
     )
 
 
-def lr_schedule(total_steps: int, warmup: float):
-    """Linear warmup over ``warmup`` of the steps, then cosine decay to 0.1 x the peak."""
+def lr_schedule(total_steps: int, warmup: float, decay_to: float):
+    """Linear warmup over ``warmup`` of the steps, then cosine decay to ``decay_to`` x the
+    peak as the run ends (1: the peak to the end)."""
     warm = int(round(total_steps * warmup))
 
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / (warm + 1)
         progress = (step - warm) / max(1, total_steps - warm)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return decay_to + (1.0 - decay_to) * cosine
 
     return factor
 

@@ -22,12 +22,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-INITS = ("text", "vocab", "random")
+INITS = ("passage", "text", "vocab", "random")
 OPTIMIZERS = ("adamw", "adafactor")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 LOSS_ON = ("completion", "all")
 DEFAULT_TOKENS = 20
+DEFAULT_DECAY_TO = (
+    1.0  # warmup, then constant: bench/defaults_study.py, README "Choosing the defaults"
+)
+DECAY_TO_BEFORE = 0.1  # what runs made before --decay-to existed decayed to
 DEFAULT_DISTILL_WEIGHT = 1.0  # the KL alone; not yet measured against a mix (README, "Distilling")
 DEFAULT_TEACHER_SAMPLES = 64
 CPU_AUTO_BATCH = 4  # --batch-size auto on CPUs: see bench/batch_size.py
@@ -146,7 +150,8 @@ class TrainConfig:
     init: str | None = _opt(
         None,
         "how to initialise the soft prompt (default: text when --init-text is given, or the "
-        "written prompt's first tokens with --teacher-prompt; else vocab)",
+        "written prompt's first tokens with --teacher-prompt; else passage, the first tokens "
+        "of a training block)",
         INITS,
         "soft prompt",
     )
@@ -207,7 +212,13 @@ class TrainConfig:
     )
     grad_accum: int = _opt(1, "micro-batches per optimizer step", metavar="N")
     lr: float = _opt(0.03, "peak learning rate")
-    warmup: float = _opt(0.1, "fraction of steps for linear warmup (then cosine decay to 0.1 x lr)")
+    warmup: float = _opt(0.1, "fraction of steps for linear warmup (then --decay-to)")
+    decay_to: float = _opt(
+        DEFAULT_DECAY_TO,
+        "after the warmup, cosine decay of the learning rate to this fraction of --lr as the run "
+        "ends (1: constant)",
+        metavar="FRACTION",
+    )
     weight_decay: float = _opt(0.0, "decoupled weight decay")
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0 disables)")
     optimizer: str = _opt("adamw", "optimizer", OPTIMIZERS)
@@ -268,7 +279,7 @@ class TrainConfig:
                 problems.append(msg)
 
         if self.init is None:
-            self.init = "text" if self.init_text or self.teacher_prompt else "vocab"
+            self.init = "text" if self.init_text or self.teacher_prompt else "passage"
         need(
             self.dataset is not None or self.teacher_prompt is not None,
             "--dataset is required: give a .txt or .jsonl file or a folder of them (or "
@@ -307,6 +318,10 @@ class TrainConfig:
         need(self.grad_accum >= 1, "--grad-accum must be at least 1")
         need(math.isfinite(self.lr) and self.lr > 0, "--lr must be more than 0, e.g. 0.03")
         need(0.0 <= self.warmup < 1.0, "--warmup is a fraction of the steps, in [0, 1), e.g. 0.1")
+        need(
+            0.0 <= self.decay_to <= 1.0,
+            "--decay-to is a fraction of --lr, in [0, 1] (1: no decay), e.g. 0.1",
+        )
         # an infinite weight decay or clip norm passes ">= 0", then trains to NaN
         need(
             math.isfinite(self.weight_decay) and self.weight_decay >= 0,
@@ -570,6 +585,8 @@ def saved_options(output: str | Path, given: dict[str, Any]) -> dict[str, Any]:
     if not path.is_file():
         return {}
     saved = {k: v for k, v in read_toml(path).items() if k not in PER_INVOCATION}
+    if saved:  # a run from before --decay-to resumes on the schedule it started with
+        saved.setdefault("decay_to", DECAY_TO_BEFORE)
     for name, what in (("dataset", "dataset"), ("model", "model")):
         value = saved.get(name)
         if (

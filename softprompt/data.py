@@ -561,6 +561,30 @@ class Rows:
                 ids[r, :n], mask[r, :n] = self.ids[i - nb], self.labels[i - nb]
         return ids, mask
 
+    def passage(self, n: int, seed: int) -> np.ndarray:
+        """``n`` token ids to start a soft prompt from (``--init passage``): the first tokens
+        of a text block picked by ``seed``, or with examples only, of the labelled tokens of
+        one (what the soft prompt leads into), picked among those with ``n`` of them (else
+        the longest), repeated when shorter than ``n``."""
+        rng = np.random.default_rng(seed)
+        if len(self.blocks):
+            tokens = self.blocks[rng.integers(len(self.blocks))]
+        else:
+            starts = [
+                ids[int(mask.argmax()) if mask.any() else 0 :]
+                for ids, mask in zip(self.ids, self.labels, strict=True)
+            ]
+            if not starts:
+                raise ValueError("no rows to take a passage from")
+            long_enough = [i for i, a in enumerate(starts) if len(a) >= n]
+            pick = (
+                long_enough[rng.integers(len(long_enough))]
+                if long_enough
+                else max(range(len(starts)), key=lambda i: len(starts[i]))
+            )
+            tokens = starts[pick]
+        return np.resize(tokens, n).astype(np.int64)  # np.resize repeats a short one
+
     def probe(self) -> np.ndarray:
         """An (N, width) array as wide as the widest batch, for trying a batch size's
         memory: the blocks themselves when there are only blocks."""

@@ -103,12 +103,14 @@ def init_tensor(
     n_tokens: int | None,
     init_text: str | None = None,
     seed: int = 0,
+    passage: Any = None,
 ) -> torch.Tensor:
     """Initial soft prompt vectors, float32 (n, d).
 
-    text: the init text's token vectors, repeated or cut to n_tokens (its own length when
-    n_tokens is None). vocab: n distinct ids sampled from the vocabulary, special tokens
-    excluded. random: uniform noise with the embedding table's per-element spread.
+    passage: the vectors of ``passage``'s token ids (the first tokens of a training row,
+    Rows.passage). text: the init text's token vectors, repeated or cut to n_tokens (its own
+    length when n_tokens is None). vocab: n distinct ids sampled from the vocabulary, special
+    tokens excluded. random: uniform noise with the embedding table's per-element spread.
     """
     from .config import DEFAULT_TOKENS
 
@@ -123,6 +125,10 @@ def init_tensor(
         ids = (ids * (n // len(ids) + 1))[:n]
         return embed_ids(model, torch.tensor(ids))
     n = n_tokens or DEFAULT_TOKENS
+    if init == "passage":
+        if passage is None:
+            raise ValueError("init passage needs the passage's token ids")
+        return embed_ids(model, torch.as_tensor(passage, dtype=torch.long)[:n])
     if init == "vocab":
         allowed = torch.ones(vocab_size, dtype=torch.bool)
         for i in special_token_ids(tokenizer):
@@ -141,7 +147,7 @@ def init_tensor(
         half_width = std * 3**0.5  # a uniform on [-a, a] has std a / sqrt(3)
         d = model.get_input_embeddings().embedding_dim
         return (torch.rand(n, d, generator=gen) * 2 - 1) * half_width
-    raise ConfigError(f"--init must be one of text, vocab, random (got {init!r})")
+    raise ConfigError(f"--init must be one of passage, text, vocab, random (got {init!r})")
 
 
 def resolve_tokens(cfg, tokenizer, checkpoint: dict | None, init_sp: SoftPrompt | None) -> int:

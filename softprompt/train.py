@@ -350,7 +350,7 @@ def setup(
         row_width=split.train.width,
     )
     _log_setup(data, plan, lm, int(wanted), checkpoint, cfg.loss_on)
-    state = _initial_state(cfg, lm, plan, ranks, checkpoint, init_sp)
+    state = _initial_state(cfg, lm, plan, ranks, checkpoint, init_sp, split.train)
     identity = {
         "dataset_hash": data.content_hash,
         "model": lm.source,
@@ -542,9 +542,10 @@ def _initial_state(
     ranks: distributed.Ranks,
     checkpoint: dict | None,
     init_sp: SoftPrompt | None,
+    train_rows: Rows,
 ) -> TrainState:
     """The state to train from: the checkpoint's, a warm start from --init-from, or a fresh
-    --init; identical on every rank."""
+    --init (``passage``: from ``train_rows``); identical on every rank."""
     if checkpoint is not None:
         soft_init = checkpoint["soft_prompt"].float()
         if soft_init.shape != (plan.n_tokens, lm.embed_dim):
@@ -557,10 +558,11 @@ def _initial_state(
         soft_init = init_tensor(
             lm.model,
             lm.tokenizer,
-            cfg.init or "vocab",
+            cfg.init or "passage",
             plan.n_tokens,
             init_text(cfg) if cfg.init == "text" else None,
             cfg.seed,
+            train_rows.passage(plan.n_tokens, cfg.seed) if cfg.init == "passage" else None,
         )
     soft_init = distributed.broadcast(ranks, soft_init.float().cpu())
     # a checkpoint brings its own schedule position; an mtj-softtuner run starts at its step

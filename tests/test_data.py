@@ -92,6 +92,24 @@ def test_stream_shuffles_files_with_the_seed_and_ends_each_with_eos(tiny_llama, 
     assert tok.decode(c.ids[0].tolist()) == (corpus / c.files[0]).read_text(encoding="utf-8")
 
 
+def test_a_passage_is_a_rows_start_or_an_examples_labelled_start():
+    from softprompt.data import Rows
+
+    blocks = Rows(np.arange(40).reshape(4, 10))
+    picked = blocks.passage(4, seed=1)
+    assert picked.tolist() in [list(range(10 * i, 10 * i + 4)) for i in range(4)]
+    assert picked.tolist() == blocks.passage(4, seed=1).tolist()  # the seed picks it
+    assert {tuple(blocks.passage(4, seed=s)) for s in range(20)} != {tuple(picked)}
+    examples = Rows(
+        np.zeros((0, 16), np.int64),
+        [np.array([1, 2, 3, 4, 5]), np.array([6, 7, 8])],
+        [np.array([0, 0, 1, 1, 1], bool), np.array([0, 1, 1], bool)],
+    )
+    for seed in range(5):  # the only one with three labelled tokens
+        assert examples.passage(3, seed).tolist() == [3, 4, 5]
+    assert examples.passage(5, 0).tolist() == [3, 4, 5, 3, 4]  # none has 5: repeated
+
+
 def test_blocks_and_split():
     stream = np.arange(105)
     blocks = make_blocks(stream, 10)

@@ -14,7 +14,14 @@ from softprompt.checkpoint import lr_schedule
 from softprompt.errors import RunError
 
 COMMON = dict(
-    block_size=32, batch_size=2, eval_every=0, save_every=0, progress=False, lr=0.05, warmup=0.1
+    block_size=32,
+    batch_size=2,
+    eval_every=0,
+    save_every=0,
+    progress=False,
+    lr=0.05,
+    warmup=0.1,
+    decay_to=0.1,  # a decaying rate: the step it picks up at shows in the rate
 )
 
 
@@ -63,7 +70,7 @@ def test_resume_continues_an_mtj_run_at_its_step(tiny_llama, corpus, tmp_path, c
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [4, 5, 6]
     assert result.steps == 6
-    assert steps[0]["lr"] == pytest.approx(0.05 * lr_schedule(6, COMMON["warmup"])(3))
+    assert steps[0]["lr"] == pytest.approx(0.05 * lr_schedule(6, COMMON["warmup"], 0.1)(3))
     # the data position starts at step x batch x grad_accum = 6 samples; step 4 adds 2 more
     assert steps[0]["tokens"] == (3 + 1) * 2 * 32
     # training started from the file's tensor, and moved away from it

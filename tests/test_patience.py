@@ -28,6 +28,7 @@ RUN = dict(
     lr=0.3,
     warmup=0.0,
     patience=3,
+    init="vocab",
 )
 
 

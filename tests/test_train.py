@@ -145,7 +145,7 @@ def test_grad_accumulation_matches_a_bigger_batch(tiny_llama, corpus, tmp_path):
     torch.testing.assert_close(a.soft_prompt.tensor, b.soft_prompt.tensor, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("init", ["text", "vocab", "random"])
+@pytest.mark.parametrize("init", ["passage", "text", "vocab", "random"])
 def test_init_methods(tiny_llama, corpus, tmp_path, init):
     opts = dict(init_text="It is a truth universally acknowledged") if init == "text" else {}
     result = train(
@@ -164,6 +164,66 @@ def test_init_methods(tiny_llama, corpus, tmp_path, init):
         assert n == len(ids)
     else:
         assert n == 20
+
+
+def test_the_default_start_is_a_passage_of_the_training_text(tiny_llama, corpus, tmp_path):
+    """With neither --init nor --init-text, the soft prompt starts as the vectors of 20
+    consecutive tokens of the training text (one step at a negligible rate keeps them)."""
+    from softprompt.data import read_dataset, tokenize_dataset
+
+    r = train(
+        dataset=str(corpus),
+        output=str(tmp_path / "o"),
+        model=tiny_llama,
+        **{**FAST, "max_steps": 1, "lr": 1e-9, "eval_every": 0},
+    )
+    assert r.soft_prompt.meta["init"] == "passage"
+    table = tiny_llama.model.get_input_embeddings().weight.float()
+    ids = torch.cdist(r.soft_prompt.tensor.float(), table).argmin(1).tolist()
+    assert len(set(ids)) > 5  # words, not one token repeated
+    texts = tokenize_dataset(read_dataset(str(corpus)), tiny_llama.tokenizer).ids
+    eos = tiny_llama.eos_token_id  # a block may run from one file into the next
+    stream = [t for a in texts for t in [*a.tolist(), eos]]
+    assert any(stream[i : i + 20] == ids for i in range(len(stream) - 19))
+
+
+def test_the_rate_warms_up_then_holds_or_decays_to_decay_to(tiny_llama, corpus, tmp_path):
+    from softprompt.checkpoint import lr_schedule
+
+    def rates(name, **opts):
+        run = dict(FAST, max_steps=10, eval_every=0, save_every=0, warmup=0.2)
+        train(dataset=str(corpus), output=str(tmp_path / name), model=tiny_llama, **run, **opts)
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [r["lr"] for r in map(json.loads, lines) if "lr" in r]
+
+    lr = FAST["lr"]
+    assert rates("default") == pytest.approx([lr / 3, 2 * lr / 3] + [lr] * 8)
+    decayed = rates("decayed", decay_to=0.1)
+    assert decayed[:3] == pytest.approx([lr / 3, 2 * lr / 3, lr])
+    assert decayed == pytest.approx([lr * lr_schedule(10, 0.2, 0.1)(s) for s in range(10)])
+    assert 0.1 * lr < decayed[-1] < 0.15 * lr  # the floor comes as the run ends
+    assert all(a > b for a, b in zip(decayed[2:], decayed[3:], strict=False))
+
+
+def test_a_run_from_before_decay_to_resumes_on_its_own_schedule(
+    tiny_llama, corpus, tmp_path, monkeypatch
+):
+    """A run whose config.toml has no decay-to (written before the option existed) decayed
+    to 0.1 x lr: resumed now, it goes on on that schedule and ends where it would have."""
+    from softprompt.train import Interrupted
+
+    common = dict(dataset=str(corpus), model=tiny_llama, **{**FAST, "max_steps": 6})
+    full = train(output=str(tmp_path / "full"), decay_to=0.1, **common)
+    with monkeypatch.context() as m:
+        stop_after(m.setattr, 3)
+        with pytest.raises(Interrupted):
+            train(output=str(tmp_path / "old"), decay_to=0.1, **common)
+    config = tmp_path / "old" / "config.toml"
+    lines = config.read_text().splitlines()
+    assert "decay-to = 0.1" in lines
+    config.write_text("\n".join(x for x in lines if not x.startswith("decay-to")) + "\n")
+    resumed = train(output=str(tmp_path / "old"), resume=True, **common)
+    assert torch.equal(resumed.soft_prompt.tensor, full.soft_prompt.tensor)
 
 
 def test_init_text_is_repeated_or_cut(tiny_llama):
