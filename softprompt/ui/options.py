@@ -67,6 +67,7 @@ LABELS = {
     "grad_accum": "Gradient accumulation",
     "lr": "Learning rate",
     "warmup": "Warmup",
+    "decay_to": "Decay the rate to (x learning rate)",
     "weight_decay": "Weight decay",
     "max_grad_norm": "Gradient clipping",
     "optimizer": "Optimizer",
