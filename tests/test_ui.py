@@ -334,6 +334,7 @@ def test_stop_reload_resume(page, server, tiny_models, corpus):
         max_steps="100000",
         eval_every="50",
         report=False,
+        compile="off",  # a run this long would compile (twice: at the start and on resume)
     )
     page.click("#start")
     page.wait_for_function(
