@@ -43,7 +43,7 @@ test-fast: $(DEV_STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(DEV_STAMP)
-	$(PY) -m ruff check softprompt tests bench examples
+	$(PY) -m ruff check softprompt tests bench examples notebooks
 	$(PY) -m ruff format --check softprompt tests bench examples
 	$(PY) -m mypy
 

@@ -88,7 +88,8 @@ CORPORA = {
         "The following is a passage from the Python documentation.",
     ),
 }
-TUNED_ON = ("austen", "shakespeare")  # the defaults were chosen on these; pydocs is unseen
+TUNED_ON = ("austen", "shakespeare")
+DEFAULT_OPTIONS = ("optimizer", "lr", "warmup", "decay_to")  # what the study chose  # the defaults were chosen on these; pydocs is unseen
 
 # The staged search (what was run is in the README): the coarse grid at 30 and 100 steps on
 # the two tuning corpora and both models, then the finalists at 30, 100 and 300 steps on all
@@ -104,6 +105,12 @@ STAGES = {
         "adamw:0.1:w0-cos0:text",
         "adamw:0.1:w0-cos0:passage",
         "adafactor:0.3:const:vocab",  # Lester et al.'s optimizer and rate
+    ],
+    "final": [  # at 30, 60, 100 and 300 steps on every corpus (300: SmolLM2 only)
+        "peft:0.03:const:peft-text",
+        "adamw:0.03:w0.1-cos0.1:vocab",  # softprompt's defaults before this study
+        "adamw:0.03:w0.1-cos1:passage",  # warmup then constant, from a training passage
+        "adamw:r0.22:w0.1-cos1:passage",  # the same at 0.22 x the embeddings' RMS
     ],
 }
 
@@ -510,6 +517,13 @@ def cmd_table(args) -> None:
         print(f"{spec:32} {line} {mean_d:+7.3f} {worst:+7.3f}")
     print(
         f"(d: held-out loss minus {ref}'s in the same column, mean and worst over the columns both have)"
+    )
+    from softprompt.config import FIELDS
+
+    print(
+        "softprompt's defaults: "
+        + ", ".join(f"--{n.replace('_', '-')} {FIELDS[n].default}" for n in DEFAULT_OPTIONS)
+        + " (passage, unless --init-text is given)"
     )
     full = [r for r in rows if r[4] == max(x[4] for x in rows) and r[0] != ref]
     if full:
