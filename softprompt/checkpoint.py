@@ -168,15 +168,19 @@ class TrainState:
 
 
 def make_optimizer(cfg: TrainConfig, soft: torch.nn.Parameter) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg`` (whose --lr auto the run has made a number) over ``soft``."""
+    lr = cfg.lr
+    if not isinstance(lr, (int, float)):
+        raise TypeError(f"the optimizer needs a number for lr; --lr {lr} is decided by the run")
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW([soft], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW([soft], lr=lr, weight_decay=cfg.weight_decay)
     if hasattr(torch.optim, "Adafactor"):  # torch >= 2.5
-        return torch.optim.Adafactor([soft], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adafactor([soft], lr=lr, weight_decay=cfg.weight_decay)
     from transformers.optimization import Adafactor  # pragma: no cover
 
     return Adafactor(  # pragma: no cover
         [soft],
-        lr=cfg.lr,
+        lr=lr,
         weight_decay=cfg.weight_decay,
         scale_parameter=False,
         relative_step=False,

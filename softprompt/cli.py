@@ -84,6 +84,15 @@ def _batch_size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a number or auto") from None
 
 
+def _rate(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a number or auto") from None
+
+
 def _sampler_order(text: str) -> tuple[int, ...]:
     from .sampling import parse_order
 
@@ -101,6 +110,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "float": float,
     "str": str,
     "int or auto": _batch_size,
+    "float or auto": _rate,
     "ids": _sampler_order,
     "list": str,
 }

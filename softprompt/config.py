@@ -28,9 +28,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 LOSS_ON = ("completion", "all")
 DEFAULT_TOKENS = 20
-DEFAULT_DECAY_TO = (
-    1.0  # warmup, then constant: bench/defaults_study.py, README "Choosing the defaults"
-)
+# the defaults study's choices (bench/defaults_study.py, README "Choosing the defaults"):
+# warmup, then a constant rate, at a rate that scales with the model's token vectors
+DEFAULT_DECAY_TO = 1.0
+LR_PER_RMS = 0.22  # --lr auto: this x the RMS of the model's token vectors (0.03 on SmolLM2)
 DECAY_TO_BEFORE = 0.1  # what runs made before --decay-to existed decayed to
 DEFAULT_DISTILL_WEIGHT = 1.0  # the KL alone; not yet measured against a mix (README, "Distilling")
 DEFAULT_TEACHER_SAMPLES = 64
@@ -211,7 +212,12 @@ class TrainConfig:
         metavar="N|auto",
     )
     grad_accum: int = _opt(1, "micro-batches per optimizer step", metavar="N")
-    lr: float = _opt(0.03, "peak learning rate")
+    lr: float | str = _opt(
+        "auto",
+        f"peak learning rate; auto: {LR_PER_RMS} x the RMS of the model's token vectors, to two "
+        "figures (0.03 on SmolLM2, 0.23 on Gemma 3, whose vectors are scaled up)",
+        metavar="LR|auto",
+    )
     warmup: float = _opt(0.1, "fraction of steps for linear warmup (then --decay-to)")
     decay_to: float = _opt(
         DEFAULT_DECAY_TO,
@@ -316,7 +322,11 @@ class TrainConfig:
             "--batch-size auto is not available with --shard-model: give a number",
         )
         need(self.grad_accum >= 1, "--grad-accum must be at least 1")
-        need(math.isfinite(self.lr) and self.lr > 0, "--lr must be more than 0, e.g. 0.03")
+        need(
+            self.lr == "auto"
+            or (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0),
+            "--lr must be more than 0, e.g. 0.03, or auto",
+        )
         need(0.0 <= self.warmup < 1.0, "--warmup is a fraction of the steps, in [0, 1), e.g. 0.1")
         need(
             0.0 <= self.decay_to <= 1.0,
@@ -442,7 +452,8 @@ DECIDED = "decided"
 def field_kind(f: dataclasses.Field) -> str:
     """What an option (a field of TrainConfig, SamplingOptions or a command's options) holds,
     from its annotation: "bool"; "bool or auto" (a bool left unset, None, lets the run
-    decide); "int"; "int or auto" (``int | str``: a number or "auto"); "float"; "ids" (a tuple
+    decide); "int"; "int or auto" (``int | str``: a number or "auto"); "float"; "float or auto";
+    "ids" (a tuple
     of whole numbers); "list" (of strings, given once each); else "str". ``| None`` only
     means the option may be left unset."""
     kind = str(f.type)
@@ -454,7 +465,9 @@ def field_kind(f: dataclasses.Field) -> str:
         return "list"
     if "int" in kind:
         return "int or auto" if "str" in kind else "int"
-    return "float" if "float" in kind else "str"
+    if "float" in kind:
+        return "float or auto" if "str" in kind else "float"
+    return "str"
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -464,11 +477,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     ok: bool
     if kind in ("bool", "bool or auto"):
         ok = isinstance(value, bool)
-    elif kind == "int or auto" and value == "auto":
+    elif kind in ("int or auto", "float or auto") and value == "auto":
         ok = True
     elif kind in ("int", "int or auto"):
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind == "float":
+    elif kind in ("float", "float or auto"):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     else:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import LR_PER_RMS, TrainConfig
 from .errors import ConfigError, DataError, RunError
 from .formats.common import KOBOLD_MAX_TOKENS
 
@@ -243,6 +243,14 @@ def decide_checkpointing(need_bytes: int, free_bytes: int | None) -> bool:
     """Unset --checkpointing: on when the activations the layers would keep take more than a
     quarter of the device's free memory, or when that memory cannot be read."""
     return free_bytes is None or need_bytes > free_bytes / CHECKPOINTING_SHARE
+
+
+def decide_lr(embedding_rms: float) -> float:
+    """--lr auto: LR_PER_RMS x the RMS of the model's token vectors, to two figures. AdamW's
+    steps are about the rate in every element whatever the gradient's scale, so a rate that
+    suits one model's vectors is too small for a model whose vectors are larger (Gemma scales
+    its by the square root of the width)."""
+    return float(f"{LR_PER_RMS * embedding_rms:.2g}")
 
 
 def decide_compile(uncompiled_seconds: float, device_type: str, spread: bool) -> bool:

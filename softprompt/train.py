@@ -37,7 +37,15 @@ from .checkpoint import (
     check_resumable,
     mtj_resume_step,
 )
-from .config import PATHS, TrainConfig, absolute_paths, decisions, saved_options, to_toml
+from .config import (
+    LR_PER_RMS,
+    PATHS,
+    TrainConfig,
+    absolute_paths,
+    decisions,
+    saved_options,
+    to_toml,
+)
 from .data import (
     BatchSampler,
     Corpus,
@@ -80,6 +88,7 @@ from .plan import (
     check_rows,
     decide_checkpointing,
     decide_compile,
+    decide_lr,
     decide_teacher_store,
     estimate_seconds,
     make_plan,
@@ -88,7 +97,7 @@ from .plan import (
 )
 from .runfiles import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, SOFTPROMPT_FILE, StatusFile
 from .sampling import SamplingOptions
-from .soft_prompt import SoftPrompt, init_tensor, resolve_tokens
+from .soft_prompt import SoftPrompt, embedding_rms, init_tensor, resolve_tokens
 from .speed import (
     activation_bytes,
     activation_checkpointing,
@@ -314,6 +323,15 @@ def setup(
     copy_to = copy_target(cfg) if ranks.main else None
     texts = _read_dataset(cfg)  # read first: a problem there fails in a second
     lm = _load_model(cfg, model, ranks, device)
+    if cfg.lr == "auto":  # a number from here on (config.toml's [decided] keeps it)
+        rms = embedding_rms(lm.model, lm.tokenizer)
+        cfg = dataclasses.replace(cfg, lr=decide_lr(rms))
+        log.info(
+            "--lr auto: %g, %g x the RMS of the model's token vectors (%.4f)",
+            cfg.lr,
+            LR_PER_RMS,
+            rms,
+        )
     init_sp = load_init_from(cfg.init_from, lm) if checkpoint is None and cfg.init_from else None
     n_tokens = resolve_tokens(cfg, lm.tokenizer, checkpoint, init_sp)
     # every sequence is [soft prompt][BOS, when the tokenizer puts one first][block], as

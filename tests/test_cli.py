@@ -96,7 +96,7 @@ def test_resume_needs_only_the_output_folder(tiny_models, corpus, tmp_path, caps
         (["--grad-accum", "500"], ["--grad-accum 500", "training blocks"]),
         (["--init", "nonsense"], ["--init", "invalid choice"]),
         (["--optimizer", "sgd"], ["--optimizer", "invalid choice"]),
-        (["--lr", "abc"], ["--lr", "invalid float"]),
+        (["--lr", "abc"], ["--lr", "a number or auto"]),
         (["--batch-size", "many"], ["--batch-size", "a number or auto"]),
         (["--batch-size", "0"], ["--batch-size must be a whole number"]),
         (["--lr", "-1"], ["--lr must be more than 0"]),

@@ -99,7 +99,7 @@ def test_a_stopped_run_resumes_only_with_more_patience(tiny_llama, drifting, tmp
 
 def test_patience_counts_validations_that_do_not_beat_the_best():
     state = TrainState.create(
-        TrainConfig(dataset="d", output="o"), torch.zeros(2, 3), torch.device("cpu"), 10
+        TrainConfig(dataset="d", output="o", lr=0.03), torch.zeros(2, 3), torch.device("cpu"), 10
     )
     for step, (loss, bad) in enumerate([(3.0, 0), (2.0, 0), (2.5, 1), (2.0, 2), (1.9, 0)]):
         state.step = step

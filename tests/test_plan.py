@@ -13,6 +13,7 @@ from softprompt.plan import (
     check_blocks,
     decide_checkpointing,
     decide_compile,
+    decide_lr,
     default_block_size,
     estimate_seconds,
     fit_global_batch,
@@ -28,6 +29,12 @@ def cfg(**options) -> TrainConfig:
 def plan(config=None, **counts):
     args = dict(n_tokens=20, n_bos=0, block_size=256, n_train=100, n_val=5, batch_size=4)
     return make_plan(config or cfg(), **{**args, **counts})
+
+
+def test_lr_auto_is_a_share_of_the_token_vectors_rms_to_two_figures():
+    assert decide_lr(0.13554657995700836) == 0.03  # SmolLM2-135M's token vectors
+    assert decide_lr(1.0291385650634766) == 0.23  # Gemma 3 270M's, scaled by sqrt(640)
+    assert decide_lr(0.02) == 0.0044
 
 
 def test_block_size_is_what_the_context_leaves_capped_by_device():

@@ -226,6 +226,31 @@ def test_a_run_from_before_decay_to_resumes_on_its_own_schedule(
     assert torch.equal(resumed.soft_prompt.tensor, full.soft_prompt.tensor)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_lr_auto_follows_the_scale_of_the_models_token_vectors(tiny_models, corpus, tmp_path, arch):
+    """--lr auto (the default) is LR_PER_RMS x the RMS of the vectors the embedding puts out:
+    Gemma's are scaled by sqrt(width), and so is its rate. config.toml keeps the number in its
+    [decided] table, so a resume trains on at that rate."""
+    from softprompt.config import read_toml
+    from softprompt.plan import decide_lr
+    from softprompt.soft_prompt import embedding_rms
+
+    lm = load_model(str(tiny_models[arch]), device="cpu", dtype="float32")
+    out = tmp_path / "o"
+    run = {**FAST, "max_steps": 2, "warmup": 0.0, "lr": "auto"}
+    train(dataset=str(corpus), output=str(out), model=lm, **run)
+    rms = embedding_rms(lm.model, lm.tokenizer)
+    table_rms = lm.model.get_input_embeddings().weight.float().pow(2).mean().sqrt().item()
+    if arch == "gemma":
+        assert rms == pytest.approx(table_rms * lm.embed_dim**0.5, rel=0.05)
+    else:
+        assert rms == pytest.approx(table_rms, rel=0.05)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [r["lr"] for r in map(json.loads, lines) if "lr" in r] == [decide_lr(rms)] * 2
+    assert read_toml(out / "config.toml")["lr"] == "auto"
+    assert read_toml(out / "config.toml", decided=True)["lr"] == decide_lr(rms)
+
+
 def test_init_text_is_repeated_or_cut(tiny_llama):
     from softprompt.soft_prompt import embed_ids, init_tensor
 

@@ -207,6 +207,15 @@ def test_batch_size_takes_a_number_or_auto_as_on_the_command_line():
     assert opt["kind"] == "int or auto"  # a text box on the page, not a number box
 
 
+def test_the_learning_rate_takes_a_number_or_auto():
+    assert "lr" not in ui.parse_options({"dataset": "d", "lr": "auto"})  # the default
+    assert ui.parse_options({"dataset": "d", "lr": "0.1"})["lr"] == 0.1
+    with pytest.raises(ConfigError, match="--lr must be a number or auto"):
+        ui.parse_options({"dataset": "d", "lr": "fast"})
+    opt = next(o for o in ui.option_list() if o["name"] == "lr")
+    assert opt["kind"] == "float or auto" and opt["default"] == "auto"
+
+
 @pytest.mark.parametrize("name", ["compile", "checkpointing"])
 def test_options_the_run_decides_are_auto_on_or_off(name):
     """--compile and --checkpointing left unset are decided by the run: the page offers

@@ -143,14 +143,18 @@ def parse_options(raw: Any) -> dict[str, Any]:
                     value = text if text == "auto" else int(text)
                 elif kind == "float":
                     value = float(text)
+                elif kind == "float or auto":
+                    value = text if text == "auto" else float(text)
                 elif kind in ("bool", "bool or auto"):
                     value = {"true": True, "false": False, "on": True, "off": False}[text.lower()]
                 else:
                     value = value if name in VERBATIM else text
             except (ValueError, KeyError):
-                kind_text = {"int or auto": "a number or auto", "bool or auto": "on or off"}.get(
-                    kind, f"a {kind}"
-                )
+                kind_text = {
+                    "int or auto": "a number or auto",
+                    "float or auto": "a number or auto",
+                    "bool or auto": "on or off",
+                }.get(kind, f"a {kind}")
                 raise ConfigError(f"{flag(name)} must be {kind_text}, got {text!r}") from None
         values[name] = _coerce(name, value, flag(name))
     cfg = TrainConfig(**values, output="-")

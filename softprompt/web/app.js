@@ -87,7 +87,7 @@ function helpLine(opt) {
 }
 
 const TEXTAREAS = new Set(["description", "init_text"]);
-const HALF = new Set(["int", "float", "int or auto", "bool or auto"]);
+const HALF = new Set(["int", "float", "int or auto", "float or auto", "bool or auto"]);
 const HALF_TEXT = new Set(["name", "author"]);
 
 function optionField(opt) {
