@@ -452,10 +452,9 @@ DECIDED = "decided"
 def field_kind(f: dataclasses.Field) -> str:
     """What an option (a field of TrainConfig, SamplingOptions or a command's options) holds,
     from its annotation: "bool"; "bool or auto" (a bool left unset, None, lets the run
-    decide); "int"; "int or auto" (``int | str``: a number or "auto"); "float"; "float or auto";
-    "ids" (a tuple
-    of whole numbers); "list" (of strings, given once each); else "str". ``| None`` only
-    means the option may be left unset."""
+    decide); "int"; "int or auto" (``int | str``: a number or "auto"); "float"; "float or
+    auto" (``float | str``); "ids" (a tuple of whole numbers); "list" (of strings, given once
+    each); else "str". ``| None`` only means the option may be left unset."""
     kind = str(f.type)
     if "bool" in kind:
         return "bool or auto" if f.default is None else "bool"
