@@ -322,25 +322,7 @@ class TrainConfig:
             "--batch-size auto is not available with --shard-model: give a number",
         )
         need(self.grad_accum >= 1, "--grad-accum must be at least 1")
-        need(
-            self.lr == "auto"
-            or (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0),
-            "--lr must be more than 0, e.g. 0.03, or auto",
-        )
-        need(0.0 <= self.warmup < 1.0, "--warmup is a fraction of the steps, in [0, 1), e.g. 0.1")
-        need(
-            0.0 <= self.decay_to <= 1.0,
-            "--decay-to is a fraction of --lr, in [0, 1] (1: no decay), e.g. 0.1",
-        )
-        # an infinite weight decay or clip norm passes ">= 0", then trains to NaN
-        need(
-            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-            "--weight-decay must be 0 or more (a finite number)",
-        )
-        need(
-            math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0,
-            "--max-grad-norm must be 0 (off) or more (a finite number)",
-        )
+        problems += self._optimizer_problems()
         need(0 <= self.seed <= MAX_SEED, f"--seed must be a whole number from 0 to {MAX_SEED}")
         need(self.eval_every is None or self.eval_every >= 0, "--eval-every must be 0 or more")
         need(self.save_every >= 0, "--save-every must be 0 or more")
@@ -359,6 +341,34 @@ class TrainConfig:
         if problems:
             raise ConfigError("; ".join(problems))
         return self
+
+    def _optimizer_problems(self) -> list[str]:
+        """The learning rate, its schedule, weight decay and clipping."""
+        checks = [
+            (
+                self.lr == "auto"
+                or (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0),
+                "--lr must be more than 0, e.g. 0.03, or auto",
+            ),
+            (
+                0.0 <= self.warmup < 1.0,
+                "--warmup is a fraction of the steps, in [0, 1), e.g. 0.1",
+            ),
+            (
+                0.0 <= self.decay_to <= 1.0,
+                "--decay-to is a fraction of --lr, in [0, 1] (1: no decay), e.g. 0.1",
+            ),
+            # an infinite weight decay or clip norm passes ">= 0", then trains to NaN
+            (
+                math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                "--weight-decay must be 0 or more (a finite number)",
+            ),
+            (
+                math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0,
+                "--max-grad-norm must be 0 (off) or more (a finite number)",
+            ),
+        ]
+        return [msg for ok, msg in checks if not ok]
 
     def _text_problems(self) -> list[str]:
         problems = []

@@ -323,15 +323,7 @@ def setup(
     copy_to = copy_target(cfg) if ranks.main else None
     texts = _read_dataset(cfg)  # read first: a problem there fails in a second
     lm = _load_model(cfg, model, ranks, device)
-    if cfg.lr == "auto":  # a number from here on (config.toml's [decided] keeps it)
-        rms = embedding_rms(lm.model, lm.tokenizer)
-        cfg = dataclasses.replace(cfg, lr=decide_lr(rms))
-        log.info(
-            "--lr auto: %g, %g x the RMS of the model's token vectors (%.4f)",
-            cfg.lr,
-            LR_PER_RMS,
-            rms,
-        )
+    cfg = _with_lr(cfg, lm)
     init_sp = load_init_from(cfg.init_from, lm) if checkpoint is None and cfg.init_from else None
     n_tokens = resolve_tokens(cfg, lm.tokenizer, checkpoint, init_sp)
     # every sequence is [soft prompt][BOS, when the tokenizer puts one first][block], as
@@ -395,6 +387,16 @@ def setup(
         objective=_objective(teacher, cfg, plan, lm),
         copy_to=copy_to,
     )
+
+
+def _with_lr(cfg: TrainConfig, lm: LoadedModel) -> TrainConfig:
+    """``cfg`` with --lr auto made a number for ``lm`` (config.toml's [decided] keeps it)."""
+    if cfg.lr != "auto":
+        return cfg
+    rms = embedding_rms(lm.model, lm.tokenizer)
+    lr = decide_lr(rms)
+    log.info("--lr auto: %g, %g x the RMS of the model's token vectors (%.4f)", lr, LR_PER_RMS, rms)
+    return dataclasses.replace(cfg, lr=lr)
 
 
 @dataclass
