@@ -88,8 +88,8 @@ CORPORA = {
         "The following is a passage from the Python documentation.",
     ),
 }
-TUNED_ON = ("austen", "shakespeare")
-DEFAULT_OPTIONS = ("optimizer", "lr", "warmup", "decay_to")  # what the study chose  # the defaults were chosen on these; pydocs is unseen
+TUNED_ON = ("austen", "shakespeare")  # the defaults were chosen on these; pydocs is unseen
+DEFAULT_OPTIONS = ("optimizer", "lr", "warmup", "decay_to")  # what the study chose
 
 # The staged search (what was run is in the README): the coarse grid at 30 and 100 steps on
 # the two tuning corpora and both models, then the finalists at 30, 100 and 300 steps on all
