@@ -75,22 +75,20 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
 
 
-def _batch_size(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a number or auto") from None
+def _or_auto(number: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A command-line reader of ``number`` (int, float) or the word auto."""
 
+    def read(text: str) -> Any:
+        if text == "auto":
+            return text
+        try:
+            return number(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid value {text!r}: give a number or auto"
+            ) from None
 
-def _rate(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a number or auto") from None
+    return read
 
 
 def _sampler_order(text: str) -> tuple[int, ...]:
@@ -109,8 +107,8 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "int": int,
     "float": float,
     "str": str,
-    "int or auto": _batch_size,
-    "float or auto": _rate,
+    "int or auto": _or_auto(int),
+    "float or auto": _or_auto(float),
     "ids": _sampler_order,
     "list": str,
 }
