@@ -8,7 +8,7 @@ in the same order), and is scored by one evaluator: softprompt.loss.loss_sums (t
 `softprompt eval` reports) on a held-out passage, the last EVAL_TOKENS tokens of the corpus,
 which no contestant trains on. A contestant is named by a spec string:
 
-    OPTIMIZER:LR:SCHEDULE:INIT      e.g. adamw:0.1:w0-cos0:vocab, adafactor:0.3:const:vocab
+    OPTIMIZER:LR:SCHEDULE:INIT[:KEY=VALUE...]   e.g. adamw:0.1:w0-cos0:vocab, adafactor:0.3:const:vocab
 
 - OPTIMIZER: adamw (weight decay 0, clip 1.0: softprompt's step), adafactor (torch's
   Adafactor, relative steps: its step is lr x the soft prompt's RMS), or peft: PEFT's plain
@@ -22,7 +22,15 @@ which no contestant trains on. A contestant is named by a spec string:
   the text a user would give), passage (the first 20 tokens of a training block), or
   peft-random / peft-text / peft-vocab: PEFT's own PromptTuningInit RANDOM (torch.nn.Embedding's
   N(0, 1) init), TEXT (the tokenized text, special tokens included, repeated) and
-  SAMPLE_VOCAB, built by peft's PromptEmbedding itself.
+  SAMPLE_VOCAB, built by peft's PromptEmbedding itself. passageK: the best of K passages
+  (the first drawn is passage's) by their loss on one batch (drawn with the seed + 1).
+- KEY=VALUE (adamw only; variations that lost, kept so the figures can be rerun):
+  res=M: a residual reparameterization, the prompt is P + MLP(P) with a shared d-M-d ReLU
+  MLP whose output layer starts at zero (so the start is unchanged), trained with P, at
+  mlr=X times the rate (default 1); avg=F: score the mean of the prompts over the last F of
+  the steps; b2=X: AdamW's beta2; zca=P: train Z in P0 + Z (U diag(l / mean l)^(P/2) U^T)
+  with U, l the eigenvectors and values of the token vectors' covariance (Adam's equal
+  steps then follow the vocabulary's spread).
 
 A contestant with a schedule trains once per step count; a constant-rate one trains once to
 the largest and is scored at each. The step is softprompt's, with its kernel for the loss:
@@ -50,7 +58,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,6 +97,7 @@ CORPORA = {
     ),
 }
 TUNED_ON = ("austen", "shakespeare")  # the defaults were chosen on these; pydocs is unseen
+EXTRAS = ("res", "mlr", "avg", "b2", "zca")  # a contestant's KEY=VALUE variations
 DEFAULT_OPTIONS = ("optimizer", "lr", "warmup", "decay_to")  # what the study chose
 
 # The staged search (what was run is in the README): the coarse grid at 30 and 100 steps on
@@ -125,13 +134,19 @@ class Contestant:
     decay: str  # const, cos, lin
     floor: float
     init: str
+    extra: dict = field(default_factory=dict)  # the KEY=VALUE variations
 
     @classmethod
     def parse(cls, spec: str) -> Contestant:
         try:
-            opt, lr, sched, init = spec.split(":")
+            opt, lr, sched, init, *more = spec.split(":")
+            extra = tuple((k, float(v)) for k, v in (x.split("=") for x in more))
         except ValueError:
-            raise SystemExit(f"contestant {spec!r}: want OPTIMIZER:LR:SCHEDULE:INIT") from None
+            raise SystemExit(
+                f"contestant {spec!r}: want OPTIMIZER:LR:SCHEDULE:INIT[:KEY=VALUE...]"
+            ) from None
+        if any(k not in EXTRAS for k, _ in extra) or (extra and opt != "adamw"):
+            raise SystemExit(f"contestant {spec!r}: the adamw keys are {', '.join(EXTRAS)}")
         if opt not in ("adamw", "adafactor", "peft"):
             raise SystemExit(f"contestant {spec!r}: optimizer must be adamw, adafactor or peft")
         rel = lr.startswith("r")
@@ -148,10 +163,18 @@ class Contestant:
         if opt == "peft" and sched != "const":
             raise SystemExit(f"contestant {spec!r}: PEFT's plain loop has a constant rate")
         inits = ("vocab", "text", "random", "passage", "peft-random", "peft-text", "peft-vocab")
-        if init not in inits:
+        if init not in inits and not re.fullmatch(r"passage\d+", init):
             raise SystemExit(f"contestant {spec!r}: init must be one of {', '.join(inits)}")
         return cls(
-            spec, opt, None if rel else value, value if rel else None, warmup, decay, floor, init
+            spec,
+            opt,
+            None if rel else value,
+            value if rel else None,
+            warmup,
+            decay,
+            floor,
+            init,
+            dict(extra),
         )
 
     @property
@@ -231,6 +254,8 @@ def initial(s: Setup, c: Contestant, seed: int):
     from softprompt.soft_prompt import init_tensor
 
     text = CORPORA[s.corpus][2]
+    if c.init.startswith("passage") and c.init != "passage":
+        return best_passage(s, int(c.init[len("passage") :]), seed)
     if c.init == "passage":  # the first tokens of a training block picked by the seed
         import numpy as np
 
@@ -265,14 +290,37 @@ def initial(s: Setup, c: Contestant, seed: int):
     )
 
 
-def optimizer_for(c: Contestant, soft, emb_rms: float):
+def best_passage(s: Setup, k: int, seed: int):
+    """Of ``k`` passages drawn as ``passage`` draws one, the one whose vectors give the lowest
+    loss on a batch drawn with ``seed + 1``."""
+    import numpy as np
+    import torch
+
+    from softprompt.data import BatchSampler
+    from softprompt.soft_prompt import embed_ids
+
+    rng = np.random.default_rng(seed)
+    blocks = [s.train_blocks[rng.integers(len(s.train_blocks))] for _ in range(k)]
+    candidates = [embed_ids(s.lm.model, torch.from_numpy(b[:N_SOFT].copy())) for b in blocks]
+    probe = BatchSampler(s.train_blocks, s.batch_size, seed + 1, torch.device("cpu")).batch(0)
+    with torch.no_grad():
+        losses = batched_losses(s.lm, candidates, probe, s.lead).mean(1).tolist()
+    print("  passages' losses: " + " ".join(f"{x:.3f}" for x in losses), flush=True)
+    return candidates[min(range(k), key=losses.__getitem__)]
+
+
+def optimizer_for(c: Contestant, soft, emb_rms: float, net=None):
     import torch
 
     lr = c.lr if c.lr is not None else c.lr_rel * emb_rms
     if c.optimizer == "peft":
         return torch.optim.AdamW([soft], lr=lr)  # torch's defaults: weight decay 0.01
     if c.optimizer == "adamw":
-        return torch.optim.AdamW([soft], lr=lr, weight_decay=0.0)
+        groups = [{"params": [soft]}]
+        if net is not None:
+            groups.append({"params": list(net.parameters()), "lr": lr * c.extra.get("mlr", 1.0)})
+        betas = (0.9, c.extra.get("b2", 0.999))
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, betas=betas)
     return torch.optim.Adafactor([soft], lr=lr, weight_decay=0.0)
 
 
@@ -330,12 +378,72 @@ class Track:
     c: Contestant
     total: int
     score_at: list
-    soft: object = None
+    soft: object = None  # the trained tensor: the prompt, or Z with zca
     opt: object = None
     sched: object = None
     step: int = 0
     losses: list = None
     dead: bool = False
+    net: object = None  # res: the residual MLP
+    zca: tuple = None  # zca: (P0, the d x d map)
+    avg: object = None  # avg: the sum of the prompts so far, and how many
+    n_avg: int = 0
+
+    def start(self, s: Setup, seed: int) -> None:
+        import torch
+
+        init = initial(s, self.c, seed)
+        self.soft = torch.nn.Parameter(init)
+        if "zca" in self.c.extra:
+            self.zca = (init, embedding_map(s, self.c.extra["zca"]))
+            self.soft = torch.nn.Parameter(torch.zeros_like(init))
+        if "res" in self.c.extra:
+            torch.manual_seed(seed)
+            d, m = init.shape[1], int(self.c.extra["res"])
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(d, m), torch.nn.ReLU(), torch.nn.Linear(m, d)
+            )
+            torch.nn.init.zeros_(self.net[2].weight)
+            torch.nn.init.zeros_(self.net[2].bias)
+        self.opt = optimizer_for(self.c, self.soft, s.emb_rms, self.net)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, schedule(self.total, self.c.warmup, self.c.decay, self.c.floor)
+        )
+        self.losses = []
+
+    def params(self) -> list:
+        return [self.soft, *(self.net.parameters() if self.net is not None else ())]
+
+    def prompt(self):
+        """The soft prompt the model sees now."""
+        x = self.soft if self.zca is None else self.zca[0] + self.soft @ self.zca[1]
+        return x if self.net is None else x + self.net(x)
+
+    def stepped(self) -> None:
+        """After an optimizer step: add the prompt to the mean when ``avg`` says so."""
+        if self.step > (1 - self.c.extra.get("avg", 0.0)) * self.total:
+            p = self.prompt().detach().clone()  # not a view of the trained tensor
+            self.avg = p if self.avg is None else self.avg + p
+            self.n_avg += 1
+
+    def scored(self):
+        """The soft prompt the evaluator scores: the mean with ``avg``, else the current one."""
+        return self.avg / self.n_avg if self.n_avg else self.prompt().detach()
+
+
+def embedding_map(s: Setup, power: float):
+    """U diag(l / mean l)^(power / 2) U^T from the covariance of the token vectors of 4,096
+    seeded ids (U, l: its eigenvectors and values)."""
+    import torch
+
+    from softprompt.soft_prompt import embed_ids
+
+    sample = torch.randperm(len(s.lm.tokenizer), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        vectors = embed_ids(s.lm.model, sample[:4096]).float()
+    lam, u = torch.linalg.eigh(torch.cov(vectors.T))
+    lam = lam.clamp_min(1e-12)
+    return (u * (lam / lam.mean()).pow(0.5 * power)) @ u.T
 
 
 def train_tracks(s: Setup, tracks: list[Track], seed: int, record, group: int) -> None:
@@ -346,12 +454,7 @@ def train_tracks(s: Setup, tracks: list[Track], seed: int, record, group: int) -
     from softprompt.data import BatchSampler
 
     for t in tracks:
-        t.soft = torch.nn.Parameter(initial(s, t.c, seed))
-        t.opt = optimizer_for(t.c, t.soft, s.emb_rms)
-        t.sched = torch.optim.lr_scheduler.LambdaLR(
-            t.opt, schedule(t.total, t.c.warmup, t.c.decay, t.c.floor)
-        )
-        t.losses = []
+        t.start(s, seed)
     batches = BatchSampler(s.train_blocks, s.batch_size, seed, torch.device("cpu"))
     t0, step = time.perf_counter(), 0
     while active := [t for t in tracks if t.step < t.total and not t.dead]:
@@ -359,17 +462,18 @@ def train_tracks(s: Setup, tracks: list[Track], seed: int, record, group: int) -
         step += 1
         for i in range(0, len(active), group):
             part = active[i : i + group]
-            losses = batched_losses(s.lm, [t.soft for t in part], batch, s.lead).mean(1)
+            losses = batched_losses(s.lm, [t.prompt() for t in part], batch, s.lead).mean(1)
             losses.sum().backward()
             for t, loss in zip(part, losses.tolist(), strict=True):
                 t.losses.append(loss)
         for t in active:
             if t.c.optimizer != "peft":  # softprompt clips at 1.0; PEFT's plain loop does not
-                torch.nn.utils.clip_grad_norm_([t.soft], 1.0)
+                torch.nn.utils.clip_grad_norm_(t.params(), 1.0)
             t.opt.step()
             t.sched.step()
             t.opt.zero_grad(set_to_none=True)
             t.step += 1
+            t.stepped()
             t.dead = not (math.isfinite(t.losses[-1]) and bool(torch.isfinite(t.soft).all()))
         if step % 10 == 0:
             print(
@@ -380,7 +484,7 @@ def train_tracks(s: Setup, tracks: list[Track], seed: int, record, group: int) -
             scoring = time.perf_counter()
             live = [t for t in due if not t.dead]
             held = (
-                dict(zip(map(id, live), heldout_losses(s, [t.soft for t in live]), strict=True))
+                dict(zip(map(id, live), heldout_losses(s, [t.scored() for t in live]), strict=True))
                 if live
                 else {}
             )
