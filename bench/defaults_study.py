@@ -145,10 +145,10 @@ class Contestant:
             raise SystemExit(
                 f"contestant {spec!r}: want OPTIMIZER:LR:SCHEDULE:INIT[:KEY=VALUE...]"
             ) from None
-        if any(k not in EXTRAS for k, _ in extra) or (extra and opt != "adamw"):
-            raise SystemExit(f"contestant {spec!r}: the adamw keys are {', '.join(EXTRAS)}")
         if opt not in ("adamw", "adafactor", "peft"):
             raise SystemExit(f"contestant {spec!r}: optimizer must be adamw, adafactor or peft")
+        if any(k not in EXTRAS for k, _ in extra) or (extra and opt != "adamw"):
+            raise SystemExit(f"contestant {spec!r}: the adamw keys are {', '.join(EXTRAS)}")
         rel = lr.startswith("r")
         value = float(lr[1:] if rel else lr)
         if sched == "const":
@@ -234,17 +234,27 @@ def make_setup(lm, model_name: str, corpus: str, block_size: int, batch_size: in
     import torch
 
     from softprompt.data import make_blocks, read_dataset, tokenize_dataset
-    from softprompt.soft_prompt import embed_ids
 
     ids = tokenize_dataset(read_dataset(corpus_path(corpus)), lm.tokenizer).ids[0].astype(np.int64)
     heldout = torch.from_numpy(ids[-EVAL_TOKENS:].reshape(-1, block_size).copy())
     train_blocks = make_blocks(ids[:-EVAL_TOKENS], block_size)
     lead = torch.tensor(lm.bos_ids, dtype=torch.long) if lm.bos_ids else None
-    sample = torch.randperm(len(lm.tokenizer), generator=torch.Generator().manual_seed(0))[:4096]
-    emb_rms = embed_ids(lm.model, sample).pow(2).mean().sqrt().item()
+    emb_rms = token_vectors(lm).pow(2).mean().sqrt().item()
     return Setup(
         lm, model_name, corpus, block_size, batch_size, train_blocks, heldout, lead, emb_rms
     )
+
+
+def token_vectors(lm):
+    """The token vectors (as the embedding module puts them out) of 4,096 ids drawn with seed 0
+    from the tokenizer's ids: their RMS scales the relative rates, their covariance zca."""
+    import torch
+
+    from softprompt.soft_prompt import embed_ids
+
+    sample = torch.randperm(len(lm.tokenizer), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return embed_ids(lm.model, sample[:4096])
 
 
 def initial(s: Setup, c: Contestant, seed: int):
@@ -254,15 +264,9 @@ def initial(s: Setup, c: Contestant, seed: int):
     from softprompt.soft_prompt import init_tensor
 
     text = CORPORA[s.corpus][2]
-    if c.init.startswith("passage") and c.init != "passage":
-        return best_passage(s, int(c.init[len("passage") :]), seed)
-    if c.init == "passage":  # the first tokens of a training block picked by the seed
-        import numpy as np
-
-        from softprompt.soft_prompt import embed_ids
-
-        block = s.train_blocks[np.random.default_rng(seed).integers(len(s.train_blocks))]
-        return embed_ids(s.lm.model, torch.from_numpy(block[:N_SOFT].copy()))
+    if c.init.startswith("passage"):  # passage, or passageK: the best of K
+        k = int(c.init[len("passage") :] or 1)
+        return passages(s, 1, seed)[0] if k == 1 else best_passage(s, k, seed)
     if not c.init.startswith("peft-"):
         return init_tensor(s.lm.model, s.lm.tokenizer, c.init, N_SOFT, text, seed)
     from peft import PromptTuningConfig, PromptTuningInit, TaskType
@@ -290,18 +294,26 @@ def initial(s: Setup, c: Contestant, seed: int):
     )
 
 
-def best_passage(s: Setup, k: int, seed: int):
-    """Of ``k`` passages drawn as ``passage`` draws one, the one whose vectors give the lowest
-    loss on a batch drawn with ``seed + 1``."""
+def passages(s: Setup, k: int, seed: int) -> list:
+    """The vectors of the first N_SOFT tokens of ``k`` training blocks drawn by ``seed``."""
     import numpy as np
     import torch
 
-    from softprompt.data import BatchSampler
     from softprompt.soft_prompt import embed_ids
 
     rng = np.random.default_rng(seed)
     blocks = [s.train_blocks[rng.integers(len(s.train_blocks))] for _ in range(k)]
-    candidates = [embed_ids(s.lm.model, torch.from_numpy(b[:N_SOFT].copy())) for b in blocks]
+    return [embed_ids(s.lm.model, torch.from_numpy(b[:N_SOFT].copy())) for b in blocks]
+
+
+def best_passage(s: Setup, k: int, seed: int):
+    """Of ``k`` passages (the first is ``passage``'s), the one whose vectors give the lowest
+    loss on a batch drawn with ``seed + 1``."""
+    import torch
+
+    from softprompt.data import BatchSampler
+
+    candidates = passages(s, k, seed)
     probe = BatchSampler(s.train_blocks, s.batch_size, seed + 1, torch.device("cpu")).batch(0)
     with torch.no_grad():
         losses = batched_losses(s.lm, candidates, probe, s.lead).mean(1).tolist()
@@ -393,10 +405,9 @@ class Track:
         import torch
 
         init = initial(s, self.c, seed)
-        self.soft = torch.nn.Parameter(init)
-        if "zca" in self.c.extra:
+        if "zca" in self.c.extra:  # trains Z from zero; the prompt is init + Z x the map
             self.zca = (init, embedding_map(s, self.c.extra["zca"]))
-            self.soft = torch.nn.Parameter(torch.zeros_like(init))
+        self.soft = torch.nn.Parameter(init if self.zca is None else torch.zeros_like(init))
         if "res" in self.c.extra:
             torch.manual_seed(seed)
             d, m = init.shape[1], int(self.c.extra["res"])
@@ -432,16 +443,11 @@ class Track:
 
 
 def embedding_map(s: Setup, power: float):
-    """U diag(l / mean l)^(power / 2) U^T from the covariance of the token vectors of 4,096
-    seeded ids (U, l: its eigenvectors and values)."""
+    """U diag(l / mean l)^(power / 2) U^T from the covariance of token_vectors (U, l: its
+    eigenvectors and values)."""
     import torch
 
-    from softprompt.soft_prompt import embed_ids
-
-    sample = torch.randperm(len(s.lm.tokenizer), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        vectors = embed_ids(s.lm.model, sample[:4096]).float()
-    lam, u = torch.linalg.eigh(torch.cov(vectors.T))
+    lam, u = torch.linalg.eigh(torch.cov(token_vectors(s.lm).T))
     lam = lam.clamp_min(1e-12)
     return (u * (lam / lam.mean()).pow(0.5 * power)) @ u.T
 
