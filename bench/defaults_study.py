@@ -11,7 +11,9 @@ which no contestant trains on. A contestant is named by a spec string:
     OPTIMIZER:LR:SCHEDULE:INIT[:KEY=VALUE...]   e.g. adamw:0.1:w0-cos0:vocab, adafactor:0.3:const:vocab
 
 - OPTIMIZER: adamw (weight decay 0, clip 1.0: softprompt's step), adafactor (torch's
-  Adafactor, relative steps: its step is lr x the soft prompt's RMS), or peft: PEFT's plain
+  Adafactor, relative steps: its step is lr x the soft prompt's RMS), muon (torch's Muon:
+  momentum 0.95, Nesterov, the step orthogonalized by Newton-Schulz, its RMS 0.2 x lr as
+  Moonshot's rule has it; clip 1.0), or peft: PEFT's plain
   loop as its docs write it, torch.optim.AdamW with its defaults (weight decay 0.01), no
   clipping, a constant learning rate.
 - LR: a number, or rX: X times the RMS of the model's token embeddings (a rule that scales
@@ -145,8 +147,10 @@ class Contestant:
             raise SystemExit(
                 f"contestant {spec!r}: want OPTIMIZER:LR:SCHEDULE:INIT[:KEY=VALUE...]"
             ) from None
-        if opt not in ("adamw", "adafactor", "peft"):
-            raise SystemExit(f"contestant {spec!r}: optimizer must be adamw, adafactor or peft")
+        if opt not in ("adamw", "adafactor", "muon", "peft"):
+            raise SystemExit(
+                f"contestant {spec!r}: optimizer must be adamw, adafactor, muon or peft"
+            )
         if any(k not in EXTRAS for k, _ in extra) or (extra and opt != "adamw"):
             raise SystemExit(f"contestant {spec!r}: the adamw keys are {', '.join(EXTRAS)}")
         rel = lr.startswith("r")
@@ -246,15 +250,14 @@ def make_setup(lm, model_name: str, corpus: str, block_size: int, batch_size: in
 
 
 def token_vectors(lm):
-    """The token vectors (as the embedding module puts them out) of 4,096 ids drawn with seed 0
-    from the tokenizer's ids: their RMS scales the relative rates, their covariance zca."""
+    """The token vectors that ``--lr auto`` measures (softprompt's token_sample: 4,096 ids
+    drawn with seed 0): their RMS scales the relative rates, their covariance zca's map."""
     import torch
 
-    from softprompt.soft_prompt import embed_ids
+    from softprompt.soft_prompt import token_sample
 
-    sample = torch.randperm(len(lm.tokenizer), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return embed_ids(lm.model, sample[:4096])
+        return token_sample(lm.model, lm.tokenizer)
 
 
 def initial(s: Setup, c: Contestant, seed: int):
@@ -333,6 +336,8 @@ def optimizer_for(c: Contestant, soft, emb_rms: float, net=None):
             groups.append({"params": list(net.parameters()), "lr": lr * c.extra.get("mlr", 1.0)})
         betas = (0.9, c.extra.get("b2", 0.999))
         return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, betas=betas)
+    if c.optimizer == "muon":  # the step's RMS matched to AdamW's: 0.2 x lr x sqrt(d)
+        return torch.optim.Muon([soft], lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
     return torch.optim.Adafactor([soft], lr=lr, weight_decay=0.0)
 
 

@@ -96,12 +96,17 @@ def embed_ids(model: Model, ids: torch.Tensor) -> torch.Tensor:
     return emb(ids.to(emb.weight.device)).float().cpu()
 
 
-def embedding_rms(model: Model, tokenizer, sample: int = 4096, seed: int = 0) -> float:
-    """The root mean square of the model's token vectors as its input embedding puts them out
-    (scaled, for a model that scales them), over ``sample`` token ids picked by ``seed``."""
+def token_sample(model: Model, tokenizer, sample: int = 4096, seed: int = 0) -> torch.Tensor:
+    """The vectors (as the input embedding puts them out: scaled, for a model that scales
+    them) of ``sample`` token ids picked by ``seed``, float32 (sample, d)."""
     vocab_size = min(model.get_input_embeddings().num_embeddings, len(tokenizer))
     ids = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))[:sample]
-    return embed_ids(model, ids).pow(2).mean().sqrt().item()
+    return embed_ids(model, ids)
+
+
+def embedding_rms(model: Model, tokenizer, sample: int = 4096, seed: int = 0) -> float:
+    """The root mean square of the model's token vectors, over a ``token_sample``."""
+    return token_sample(model, tokenizer, sample, seed).pow(2).mean().sqrt().item()
 
 
 def init_tensor(
