@@ -31,6 +31,7 @@ from .config import (
     field_kind,
     flag,
     read_toml,
+    read_value,
     saved_options,
 )
 from .errors import ConfigError, SoftPromptError
@@ -75,14 +76,12 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
 
 
-def _or_auto(number: Callable[[str], Any]) -> Callable[[str], Any]:
-    """A command-line reader of ``number`` (int, float) or the word auto."""
+def _or_auto(kind: str) -> Callable[[str], Any]:
+    """A command-line reader of an option of ``kind`` "int or auto" or "float or auto"."""
 
     def read(text: str) -> Any:
-        if text == "auto":
-            return text
         try:
-            return number(text)
+            return read_value(kind, text)
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"invalid value {text!r}: give a number or auto"
@@ -107,8 +106,8 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "int": int,
     "float": float,
     "str": str,
-    "int or auto": _or_auto(int),
-    "float or auto": _or_auto(float),
+    "int or auto": _or_auto("int or auto"),
+    "float or auto": _or_auto("float or auto"),
     "ids": _sampler_order,
     "list": str,
 }

@@ -479,6 +479,24 @@ def field_kind(f: dataclasses.Field) -> str:
     return "str"
 
 
+def read_value(kind: str, text: str) -> Any:
+    """An option's value from its text, by its kind (``field_kind``): a number, or the word
+    auto where the kind allows it; on/off/true/false for a bool; else the text. Raises
+    ValueError for text the kind does not take."""
+    if kind in ("int or auto", "float or auto") and text == "auto":
+        return text
+    if kind in ("int", "int or auto"):
+        return int(text)
+    if kind in ("float", "float or auto"):
+        return float(text)
+    if kind in ("bool", "bool or auto"):
+        words = {"true": True, "false": False, "on": True, "off": False}
+        if text.lower() not in words:
+            raise ValueError(f"not on or off: {text!r}")
+        return words[text.lower()]
+    return text
+
+
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Check a value read from a TOML file (or the page's form) against the field's type."""
     f = FIELDS[name]

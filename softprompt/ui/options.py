@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import FIELDS, TrainConfig, _coerce, flag
+from ..config import FIELDS, TrainConfig, _coerce, flag, read_value
 from ..config import field_kind as config_field_kind
 from ..errors import ConfigError
 
@@ -137,19 +137,8 @@ def parse_options(raw: Any) -> dict[str, Any]:
         if isinstance(value, str):
             text = value.strip()
             try:
-                if kind == "int":
-                    value = int(text)
-                elif kind == "int or auto":
-                    value = text if text == "auto" else int(text)
-                elif kind == "float":
-                    value = float(text)
-                elif kind == "float or auto":
-                    value = text if text == "auto" else float(text)
-                elif kind in ("bool", "bool or auto"):
-                    value = {"true": True, "false": False, "on": True, "off": False}[text.lower()]
-                else:
-                    value = value if name in VERBATIM else text
-            except (ValueError, KeyError):
+                value = value if name in VERBATIM else read_value(kind, text)
+            except ValueError:
                 kind_text = {
                     "int or auto": "a number or auto",
                     "float or auto": "a number or auto",
