@@ -13,11 +13,14 @@ import io
 import math
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from schedulefree import AdamWScheduleFree
 
 from .config import TrainConfig
 
@@ -172,6 +175,8 @@ def make_optimizer(cfg: TrainConfig, soft: torch.nn.Parameter) -> torch.optim.Op
     lr = cfg.lr
     if not isinstance(lr, (int, float)):
         raise TypeError(f"the optimizer needs a number for lr; --lr {lr} is decided by the run")
+    if cfg.optimizer == "schedulefree":
+        return AdamWScheduleFree([soft], lr=lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW([soft], lr=lr, weight_decay=cfg.weight_decay)
     if hasattr(torch.optim, "Adafactor"):  # torch >= 2.5
@@ -186,6 +191,23 @@ def make_optimizer(cfg: TrainConfig, soft: torch.nn.Parameter) -> torch.optim.Op
         relative_step=False,
         warmup_init=False,
     )
+
+
+@contextmanager
+def stepping(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Around one optimizer step (its forward and backward passes included). Schedule-free
+    AdamW takes its gradients at a point between the average it keeps (the soft prompt
+    outside its steps: what validation scores, a checkpoint keeps and the run writes) and
+    the point its steps move: it moves the soft prompt there for the step and back after.
+    Other optimizers train the soft prompt itself."""
+    if not isinstance(optimizer, AdamWScheduleFree):
+        yield
+        return
+    optimizer.train()
+    try:
+        yield
+    finally:
+        optimizer.eval()
 
 
 def lr_schedule(total_steps: int, warmup: float, decay_to: float):

@@ -23,7 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 INITS = ("passage", "text", "vocab", "random")
-OPTIMIZERS = ("adamw", "adafactor")
+OPTIMIZERS = ("schedulefree", "adamw", "adafactor")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 LOSS_ON = ("completion", "all")
@@ -227,7 +227,12 @@ class TrainConfig:
     )
     weight_decay: float = _opt(0.0, "decoupled weight decay")
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0 disables)")
-    optimizer: str = _opt("adamw", "optimizer", OPTIMIZERS)
+    optimizer: str = _opt(
+        "adamw",
+        "schedulefree (AdamW without a schedule, Defazio et al. 2024: its steps are averaged), "
+        "adamw or adafactor",
+        OPTIMIZERS,
+    )
     checkpointing: bool | None = _opt(
         None,
         "recompute each layer's activations in the backward pass instead of keeping them "

@@ -36,6 +36,7 @@ from .checkpoint import (
     check_output,
     check_resumable,
     mtj_resume_step,
+    stepping,
 )
 from .config import (
     LR_PER_RMS,
@@ -850,26 +851,7 @@ def fit(run: Run, val_loss: float | None) -> float:
     early = False
     with stop.installed(), activation_checkpointing(run.net, run.checkpointing):
         while state.step < plan.total_steps and not early:
-            loss = 0.0
-            for _ in range(plan.grad_accum):
-                batch, mask = run.batches.batch_with_mask(state.samples + run.mine)
-                part = run.objective(run.net, state.soft, batch, lead=run.lead, mask=mask)
-                part = part / plan.grad_accum
-                part.backward()
-                loss += part.item()
-                state.samples += plan.batch_size * plan.world
-            # average gradient and loss over the ranks; stop together if any rank was asked
-            grad = state.soft.grad
-            assert grad is not None  # backward() has run
-            loss, stopping = distributed.sync_step(run.ranks, grad, loss, stop.requested)
-            grad_norm = _clip(state.soft, cfg.max_grad_norm)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise _diverged(run)
-            lr = float(state.scheduler.get_last_lr()[0])
-            state.optimizer.step()
-            state.scheduler.step()
-            state.optimizer.zero_grad(set_to_none=True)
-            state.step += 1
+            loss, lr, grad_norm, stopping = _step(run, stop.requested)
             tokens += plan.tokens_per_step
             elapsed = time.perf_counter() - t_start
             _record_step(run, loss, lr, grad_norm, tokens, elapsed)
@@ -889,6 +871,34 @@ def fit(run: Run, val_loss: float | None) -> float:
     if bar is not None:
         bar.close()
     return time.perf_counter() - t_start
+
+
+def _step(run: Run, stop_requested: bool) -> tuple[float, float, float, bool]:
+    """One optimizer step over --grad-accum micro-batches: the loss, the rate it stepped at,
+    the gradient's norm before clipping, and whether any rank was asked to stop."""
+    cfg, plan, state = run.cfg, run.plan, run.state
+    with stepping(state.optimizer):
+        loss = 0.0
+        for _ in range(plan.grad_accum):
+            batch, mask = run.batches.batch_with_mask(state.samples + run.mine)
+            part = run.objective(run.net, state.soft, batch, lead=run.lead, mask=mask)
+            part = part / plan.grad_accum
+            part.backward()
+            loss += part.item()
+            state.samples += plan.batch_size * plan.world
+        # average gradient and loss over the ranks; stop together if any rank was asked
+        grad = state.soft.grad
+        assert grad is not None  # backward() has run
+        loss, stopping = distributed.sync_step(run.ranks, grad, loss, stop_requested)
+        grad_norm = _clip(state.soft, cfg.max_grad_norm)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise _diverged(run)
+        lr = float(state.scheduler.get_last_lr()[0])
+        state.optimizer.step()
+        state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return loss, lr, grad_norm, stopping
 
 
 def _patience_ran_out(run: Run, val_loss: float | None) -> bool:

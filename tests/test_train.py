@@ -305,8 +305,9 @@ def test_adafactor_and_fractional_epochs(tiny_llama, repetitive_corpus, tmp_path
     assert result.val_loss_after < result.val_loss_before
 
 
+@pytest.mark.parametrize("optimizer", ["schedulefree", "adamw"])
 def test_interrupt_saves_a_checkpoint_and_resume_is_bit_exact(
-    tiny_llama, corpus, tmp_path, monkeypatch
+    tiny_llama, corpus, tmp_path, monkeypatch, optimizer
 ):
     from softprompt.train import Interrupted
 
@@ -321,6 +322,7 @@ def test_interrupt_saves_a_checkpoint_and_resume_is_bit_exact(
         progress=False,
         lr=0.05,
         max_steps=7,
+        optimizer=optimizer,
     )
     full = train(output=str(tmp_path / "full"), **common)
     with monkeypatch.context() as m:
@@ -333,6 +335,40 @@ def test_interrupt_saves_a_checkpoint_and_resume_is_bit_exact(
     lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines if '"loss"' in x] == list(range(1, 8))
     assert resumed.val_loss_before == full.val_loss_before
+
+
+def test_schedule_free_steps_are_the_librarys_and_the_prompt_between_them_is_the_average():
+    """softprompt moves schedule-free AdamW's soft prompt to its training point for each
+    step and back to the average after (so validation, checkpoints and the written file see
+    the average): the same run as the library's own use, train() once and eval() at the end."""
+    from schedulefree import AdamWScheduleFree
+
+    from softprompt.checkpoint import stepping
+
+    torch.manual_seed(0)
+    target, start = torch.randn(4, 8), torch.randn(4, 8)
+    grads = [torch.randn(4, 8) for _ in range(6)]
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt_ours, opt_theirs = (AdamWScheduleFree([p], lr=0.1) for p in (ours, theirs))
+
+    def loss(p, noise):
+        return ((p - target) ** 2).sum() + (p * noise).sum()
+
+    opt_theirs.train()
+    for noise in grads:
+        with stepping(opt_ours):
+            at = ours.detach().clone()  # where the gradient is taken
+            loss(ours, noise).backward()
+            opt_ours.step()
+            opt_ours.zero_grad()
+        assert torch.allclose(at, theirs.detach(), atol=1e-6)  # the same training point
+        loss(theirs, noise).backward()
+        opt_theirs.step()
+        opt_theirs.zero_grad()
+    opt_theirs.eval()
+    assert torch.allclose(ours.detach(), theirs.detach(), atol=1e-6)
+    z = opt_ours.state[ours]["z"]
+    assert not torch.allclose(ours.detach(), z)  # the average, not the last iterate
 
 
 def test_finished_run_can_be_extended_with_resume(tiny_llama, corpus, tmp_path):
