@@ -10,12 +10,13 @@ which no contestant trains on. A contestant is named by a spec string:
 
     OPTIMIZER:LR:SCHEDULE:INIT[:KEY=VALUE...]   e.g. adamw:0.1:w0-cos0:vocab, adafactor:0.3:const:vocab
 
-- OPTIMIZER: adamw (weight decay 0, clip 1.0: softprompt's step), adafactor (torch's
-  Adafactor, relative steps: its step is lr x the soft prompt's RMS), muon (torch's Muon:
-  momentum 0.95, Nesterov, the step orthogonalized by Newton-Schulz, its RMS 0.2 x lr as
-  Moonshot's rule has it; clip 1.0), or peft: PEFT's plain
-  loop as its docs write it, torch.optim.AdamW with its defaults (weight decay 0.01), no
-  clipping, a constant learning rate.
+- OPTIMIZER: adamw (weight decay 0, clip 1.0: softprompt's step), sf (schedule-free AdamW,
+  Defazio et al. 2024, from the schedulefree package, softprompt's default: trained at its
+  interpolated point, scored at its average; clip 1.0), adafactor (torch's Adafactor,
+  relative steps: its step is lr x the soft prompt's RMS), muon (torch's Muon: momentum 0.95,
+  Nesterov, the step orthogonalized by Newton-Schulz, its RMS 0.2 x lr as Moonshot's rule has
+  it; clip 1.0), or peft: PEFT's plain loop as its docs write it, torch.optim.AdamW with its
+  defaults (weight decay 0.01), no clipping, a constant learning rate.
 - LR: a number, or rX: X times the RMS of the model's token embeddings (a rule that scales
   with the model).
 - SCHEDULE: const, or wW-cosF / wW-linF: linear warmup over a fraction W of the steps, then
@@ -122,6 +123,8 @@ STAGES = {
         "adamw:0.03:w0.1-cos0.1:vocab",  # softprompt's defaults before this study
         "adamw:0.03:w0.1-cos1:passage",  # warmup then constant, from a training passage
         "adamw:r0.22:w0.1-cos1:passage",  # the same at 0.22 x the embeddings' RMS
+        "sf:0.03:w0.1-cos1:passage",  # the same with schedule-free AdamW: the defaults
+        "sf:r0.22:w0.1-cos1:passage",
     ],
 }
 
@@ -147,9 +150,9 @@ class Contestant:
             raise SystemExit(
                 f"contestant {spec!r}: want OPTIMIZER:LR:SCHEDULE:INIT[:KEY=VALUE...]"
             ) from None
-        if opt not in ("adamw", "adafactor", "muon", "peft"):
+        if opt not in ("adamw", "adafactor", "muon", "sf", "peft"):
             raise SystemExit(
-                f"contestant {spec!r}: optimizer must be adamw, adafactor, muon or peft"
+                f"contestant {spec!r}: optimizer must be adamw, adafactor, muon, sf or peft"
             )
         if any(k not in EXTRAS for k, _ in extra) or (extra and opt != "adamw"):
             raise SystemExit(f"contestant {spec!r}: the adamw keys are {', '.join(EXTRAS)}")
@@ -338,6 +341,12 @@ def optimizer_for(c: Contestant, soft, emb_rms: float, net=None):
         return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, betas=betas)
     if c.optimizer == "muon":  # the step's RMS matched to AdamW's: 0.2 x lr x sqrt(d)
         return torch.optim.Muon([soft], lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+    if c.optimizer == "sf":  # the warmup is the schedule's: its weights follow the rate
+        import schedulefree
+
+        opt = schedulefree.AdamWScheduleFree([soft], lr=lr, weight_decay=0.0)
+        opt.train()
+        return opt
     return torch.optim.Adafactor([soft], lr=lr, weight_decay=0.0)
 
 
@@ -444,6 +453,11 @@ class Track:
 
     def scored(self):
         """The soft prompt the evaluator scores: the mean with ``avg``, else the current one."""
+        if self.c.optimizer == "sf":  # scored at the averaged point x, trained at y
+            self.opt.eval()
+            p = self.prompt().detach().clone()
+            self.opt.train()
+            return p
         return self.avg / self.n_avg if self.n_avg else self.prompt().detach()
 
 

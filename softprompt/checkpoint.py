@@ -357,8 +357,9 @@ SPACE_MARGIN = 1 << 20  # config.toml, metrics.jsonl, report.md, the loss curve
 
 
 def space_needed(n_tokens: int, dim: int) -> int:
-    """Bytes the output folder needs: a few copies of the float32 soft prompt with AdamW's
-    two moments (3 x its size), plus a margin for the small files."""
+    """Bytes the output folder needs: a few copies of the float32 soft prompt with its
+    optimizer's two tensors (AdamW's moments, schedule-free AdamW's iterate and second
+    moment: 3 x its size), plus a margin for the small files."""
     return CHECKPOINT_COPIES * n_tokens * dim * 4 * 3 + SPACE_MARGIN
 
 

@@ -228,7 +228,7 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "decoupled weight decay")
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0 disables)")
     optimizer: str = _opt(
-        "adamw",
+        "schedulefree",
         "schedulefree (AdamW without a schedule, Defazio et al. 2024: its steps are averaged), "
         "adamw or adafactor",
         OPTIMIZERS,

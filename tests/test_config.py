@@ -18,7 +18,12 @@ def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as e:
         cfg.validate()
     msg = str(e.value)
-    for part in ("--batch-size", "--lr", "--warmup", "--optimizer must be one of adamw, adafactor"):
+    for part in (
+        "--batch-size",
+        "--lr",
+        "--warmup",
+        "--optimizer must be one of schedulefree, adamw, adafactor",
+    ):
         assert part in msg
     assert "\n" not in msg
 

@@ -170,7 +170,7 @@ def test_options_route_lists_every_train_option_with_default_and_help(server):
     lr = next(o for o in data["options"] if o["name"] == "lr")
     assert lr["default"] == FIELDS["lr"].default and lr["help"] and lr["flag"] == "--lr"
     opt = next(o for o in data["options"] if o["name"] == "optimizer")
-    assert opt["choices"] == ["adamw", "adafactor"]
+    assert opt["choices"] == ["schedulefree", "adamw", "adafactor"]
     report = next(o for o in data["options"] if o["name"] == "report")
     assert report["flag"] == "--no-report" and report["invert"]
 
