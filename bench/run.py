@@ -12,6 +12,11 @@ machine's bf16/fp32 matmul peak (measured here with a large matmul) that each re
     .venv/bin/python bench/run.py [--steps 20] [--batch-size 4] [--block-size 256] [--dtype auto]
                                   [--compile | --no-compile]
                                   [--checkpointing | --no-checkpointing]
+                                  [--optimizer adamw|schedulefree|adafactor]
+
+softprompt runs AdamW here, as PEFT's loop does, unless --optimizer says otherwise (its
+default, schedule-free AdamW, keeps the same two tensors of state and adds an interpolation
+per step: `--optimizer schedulefree` measures that its step costs the same).
 """
 
 from __future__ import annotations
@@ -145,6 +150,7 @@ def run_softprompt(args) -> dict:
             batch_size=args.batch_size,
             block_size=args.block_size,
             lr=args.lr,
+            optimizer=args.optimizer,
             val_fraction=0.05,
             val_max_blocks=16,
             eval_every=0,
@@ -246,6 +252,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.03)
     ap.add_argument("--seed", type=int, default=1729)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument(
+        "--optimizer", default="adamw", choices=("adamw", "schedulefree", "adafactor"),
+        help="softprompt's optimizer (PEFT's loop is AdamW; default adamw: the same job)",
+    )  # fmt: skip
     for option, decides in (("compile", "the run's length"), ("checkpointing", "free memory")):
         for value, flag in ((True, f"--{option}"), (False, f"--no-{option}")):
             ap.add_argument(
