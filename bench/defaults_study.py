@@ -698,6 +698,7 @@ def cmd_target(args) -> None:
             r = softprompt.train(
                 dataset=str(data), output=str(Path(tmp) / "out"), model=lm, max_steps=args.steps,
                 batch_size=args.batch_size, block_size=args.block_size, seed=seed,
+                lr=args.lr if args.lr == "auto" else float(args.lr),
                 progress=False, report=False, save_every=0,
             )  # fmt: skip
             secs = time.perf_counter() - t0
@@ -806,6 +807,7 @@ def main() -> None:
     target.add_argument("--corpus", choices=list(CORPORA), default="pydocs")
     target.add_argument("--steps", type=int, default=60)
     target.add_argument("--seeds", type=int, nargs="+", default=[SEED])
+    target.add_argument("--lr", default="auto", help="softprompt's --lr (default: its default)")
     check = sub.add_parser(
         "check", help="the study's step and evaluator are softprompt's and PEFT's"
     )
