@@ -631,10 +631,10 @@ def cmd_table(args) -> None:
         + " ".join(f"{h:>{max(width, len(h))}}" for h in heads)
         + f" {'mean d':>7} {'worst d':>7}"
     )
+    refs = [cell(results, ref, m, c, n, args.block_size) for m, c, n in cols]
     rows = []
     for spec in specs:
         vals = [cell(results, spec, m, c, n, args.block_size) for m, c, n in cols]
-        refs = [cell(results, ref, m, c, n, args.block_size) for m, c, n in cols]
         deltas = [v - r for v, r in zip(vals, refs, strict=True) if v is not None and r is not None]
         mean_d = sum(deltas) / len(deltas) if deltas else math.nan
         worst = max(deltas) if deltas else math.nan
@@ -654,7 +654,6 @@ def cmd_table(args) -> None:
         + ", ".join(f"--{n.replace('_', '-')} {FIELDS[n].default}" for n in DEFAULT_OPTIONS)
         + " (passage, unless --init-text is given)"
     )
-    refs = [cell(results, ref, m, c, n, args.block_size) for m, c, n in cols]
     for model in dict.fromkeys(m for m, _, _ in cols):  # rates differ by model: one pick each
         picks = []
         for spec, vals, *_ in rows:
@@ -698,7 +697,7 @@ def cmd_target(args) -> None:
             r = softprompt.train(
                 dataset=str(data), output=str(Path(tmp) / "out"), model=lm, max_steps=args.steps,
                 batch_size=args.batch_size, block_size=args.block_size, seed=seed,
-                lr=args.lr if args.lr == "auto" else float(args.lr),
+                lr=args.lr,
                 progress=False, report=False, save_every=0,
             )  # fmt: skip
             secs = time.perf_counter() - t0
@@ -789,6 +788,8 @@ def cmd_check(args) -> None:
 
 
 def main() -> None:
+    from softprompt.config import read_value
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="train contestants on one model and corpus")
@@ -807,7 +808,10 @@ def main() -> None:
     target.add_argument("--corpus", choices=list(CORPORA), default="pydocs")
     target.add_argument("--steps", type=int, default=60)
     target.add_argument("--seeds", type=int, nargs="+", default=[SEED])
-    target.add_argument("--lr", default="auto", help="softprompt's --lr (default: its default)")
+    target.add_argument(
+        "--lr", default="auto", type=lambda text: read_value("float or auto", text),
+        help="softprompt's --lr (default: auto, its default)",
+    )  # fmt: skip
     check = sub.add_parser(
         "check", help="the study's step and evaluator are softprompt's and PEFT's"
     )

@@ -244,6 +244,8 @@ def child(name: str, args) -> dict:
 
 
 def main() -> None:
+    from softprompt.config import OPTIMIZERS
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -253,7 +255,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1729)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument(
-        "--optimizer", default="adamw", choices=("adamw", "schedulefree", "adafactor"),
+        "--optimizer", default="adamw", choices=OPTIMIZERS,
         help="softprompt's optimizer (PEFT's loop is AdamW; default adamw: the same job)",
     )  # fmt: skip
     for option, decides in (("compile", "the run's length"), ("checkpointing", "free memory")):
