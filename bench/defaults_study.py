@@ -27,7 +27,10 @@ which no contestant trains on. A contestant is named by a spec string:
   N(0, 1) init), TEXT (the tokenized text, special tokens included, repeated) and
   SAMPLE_VOCAB, built by peft's PromptEmbedding itself. passageK: the best of K passages
   (the first drawn is passage's) by their loss on one batch (drawn with the seed + 1).
-- KEY=VALUE (adamw only; variations that lost, kept so the figures can be rerun):
+- KEY=VALUE, variations. sf: r=X: the average weights step k by k^X (the library's r; 0,
+  its default, is a plain average; softprompt's default is r=2), b1=X: its beta1 (0.9: how
+  far the gradient point leans to the average). adamw (variations that lost, kept so the
+  figures can be rerun):
   res=M: a residual reparameterization, the prompt is P + MLP(P) with a shared d-M-d ReLU
   MLP whose output layer starts at zero (so the start is unchanged), trained with P, at
   mlr=X times the rate (default 1); avg=F: score the mean of the prompts over the last F of
@@ -100,7 +103,10 @@ CORPORA = {
     ),
 }
 TUNED_ON = ("austen", "shakespeare")  # the defaults were chosen on these; pydocs is unseen
-EXTRAS = ("res", "mlr", "avg", "b2", "zca")  # a contestant's KEY=VALUE variations
+EXTRAS = {  # a contestant's KEY=VALUE variations, by optimizer
+    "adamw": ("res", "mlr", "avg", "b2", "zca"),
+    "sf": ("r", "b1"),
+}
 DEFAULT_OPTIONS = ("optimizer", "lr", "warmup", "decay_to")  # what the study chose
 
 # The staged search (what was run is in the README): the coarse grid at 30 and 100 steps on
@@ -123,8 +129,10 @@ STAGES = {
         "adamw:0.03:w0.1-cos0.1:vocab",  # softprompt's defaults before this study
         "adamw:0.03:w0.1-cos1:passage",  # warmup then constant, from a training passage
         "adamw:r0.22:w0.1-cos1:passage",  # the same at 0.22 x the embeddings' RMS
-        "sf:0.03:w0.1-cos1:passage",  # the same with schedule-free AdamW: the defaults
+        "sf:0.03:w0.1-cos1:passage",  # the same with schedule-free AdamW
         "sf:r0.22:w0.1-cos1:passage",
+        "sf:0.03:w0.1-cos1:passage:r=2",  # the same, its average weighted by step^2: the defaults
+        "sf:r0.22:w0.1-cos1:passage:r=2",
     ],
 }
 
@@ -154,8 +162,9 @@ class Contestant:
             raise SystemExit(
                 f"contestant {spec!r}: optimizer must be adamw, adafactor, muon, sf or peft"
             )
-        if any(k not in EXTRAS for k, _ in extra) or (extra and opt != "adamw"):
-            raise SystemExit(f"contestant {spec!r}: the adamw keys are {', '.join(EXTRAS)}")
+        if any(k not in EXTRAS.get(opt, ()) for k, _ in extra):
+            keys = "; ".join(f"{o}: {', '.join(ks)}" for o, ks in EXTRAS.items())
+            raise SystemExit(f"contestant {spec!r}: the keys are {keys}")
         rel = lr.startswith("r")
         value = float(lr[1:] if rel else lr)
         if sched == "const":
@@ -344,7 +353,13 @@ def optimizer_for(c: Contestant, soft, emb_rms: float, net=None):
     if c.optimizer == "sf":  # the warmup is the schedule's: its weights follow the rate
         import schedulefree
 
-        opt = schedulefree.AdamWScheduleFree([soft], lr=lr, weight_decay=0.0)
+        opt = schedulefree.AdamWScheduleFree(
+            [soft],
+            lr=lr,
+            weight_decay=0.0,
+            betas=(c.extra.get("b1", 0.9), 0.999),
+            r=c.extra.get("r", 0.0),
+        )
         opt.train()
         return opt
     return torch.optim.Adafactor([soft], lr=lr, weight_decay=0.0)
@@ -528,8 +543,15 @@ def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def dtype_of(r: dict) -> str:
+    """The dtype a result was computed in. Rows without one came from machines whose CPUs have
+    fast bfloat16 (AMX or AVX512-BF16), where softprompt's "auto" picks it."""
+    return r.get("dtype", "bfloat16")
+
+
 def key(r: dict) -> tuple:
     return (
+        dtype_of(r),
         r["model"],
         r["corpus"],
         r["block"],
@@ -561,6 +583,7 @@ def cmd_run(args) -> None:
             "batch": args.batch_size, "seed": args.seed, "contestant": c.spec,
             "run_steps": run_steps, "at": at, "heldout_loss": held, "train_loss": train,
             "train_s": round(secs, 1), "torch": torch.__version__, "emb_rms": s.emb_rms,
+            "dtype": str(lm.dtype).removeprefix("torch."),
         }  # fmt: skip
         with args.results.open("a") as fh:
             fh.write(json.dumps(r) + "\n")
@@ -575,6 +598,7 @@ def cmd_run(args) -> None:
         wanted = [(max(steps), steps)] if c.length_free else [(n, [n]) for n in steps]
         for total, score_at in wanted:
             k = (
+                str(lm.dtype).removeprefix("torch."),
                 args.model,
                 args.corpus,
                 args.block_size,
@@ -610,9 +634,12 @@ def cell(
 
 
 def cmd_table(args) -> None:
-    results = [r for r in read_results(args.results) if r["block"] == args.block_size]
+    results = [
+        r for r in read_results(args.results)
+        if r["block"] == args.block_size and dtype_of(r) == args.dtype
+    ]  # fmt: skip
     if not results:
-        print(f"no results in {args.results} for block {args.block_size}")
+        print(f"no results in {args.results} for block {args.block_size} in {args.dtype}")
         return
     cols = sorted(
         {(r["model"], r["corpus"], r["at"]) for r in results},
@@ -623,7 +650,7 @@ def cmd_table(args) -> None:
     ref = args.reference
     width = 7
     print(
-        f"held-out loss (nats/token), block {args.block_size}; rows: contestants; columns: model/corpus/steps"
+        f"held-out loss (nats/token), block {args.block_size}, {args.dtype}; rows: contestants; columns: model/corpus/steps"
     )
     heads = [f"{m[:5]}/{c[:5]}/{n}" for m, c, n in cols]
     print(
@@ -803,6 +830,11 @@ def main() -> None:
     table = sub.add_parser("table", help="print the table from the results")
     table.add_argument("--steps", type=int, nargs="+", default=[30, 60, 100, 300])
     table.add_argument("--reference", default="peft:0.03:const:peft-text")
+    table.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+        help="the results computed in this dtype (the model's: softprompt picks bfloat16 on "
+        "CPUs with AMX or AVX512-BF16, float32 on others)",
+    )  # fmt: skip
     target = sub.add_parser("target", help="the issue's 60-step target on the unseen corpus")
     target.add_argument("--model", choices=list(MODELS), default="smollm2")
     target.add_argument("--corpus", choices=list(CORPORA), default="pydocs")

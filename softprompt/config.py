@@ -229,7 +229,8 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0 disables)")
     optimizer: str = _opt(
         "schedulefree",
-        "schedulefree (AdamW without a schedule, Defazio et al. 2024: its steps are averaged), "
+        "schedulefree (AdamW without a schedule, Defazio et al. 2024: its steps are averaged, "
+        "later ones weighted more), "
         "adamw or adafactor",
         OPTIMIZERS,
     )
