@@ -181,9 +181,7 @@ def make_optimizer(cfg: TrainConfig, soft: torch.nn.Parameter) -> torch.optim.Op
     if not isinstance(lr, (int, float)):
         raise TypeError(f"the optimizer needs a number for lr; --lr {lr} is decided by the run")
     if cfg.optimizer == "schedulefree":
-        return AdamWScheduleFree(
-            [soft], lr=lr, weight_decay=cfg.weight_decay, r=AVERAGE_POWER
-        )
+        return AdamWScheduleFree([soft], lr=lr, weight_decay=cfg.weight_decay, r=AVERAGE_POWER)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW([soft], lr=lr, weight_decay=cfg.weight_decay)
     if hasattr(torch.optim, "Adafactor"):  # torch >= 2.5
