@@ -27,10 +27,9 @@ which no contestant trains on. A contestant is named by a spec string:
   N(0, 1) init), TEXT (the tokenized text, special tokens included, repeated) and
   SAMPLE_VOCAB, built by peft's PromptEmbedding itself. passageK: the best of K passages
   (the first drawn is passage's) by their loss on one batch (drawn with the seed + 1).
-- KEY=VALUE, variations. sf: r=X: the average weights step k by k^X (the library's r; 0,
-  its default, is a plain average; softprompt's default is r=2), b1=X: its beta1 (0.9: how
-  far the gradient point leans to the average). adamw (variations that lost, kept so the
-  figures can be rerun):
+- KEY=VALUE (variations that lost, kept so the figures can be rerun). sf: r=X: the average
+  weights step k by k^X (the library's r; 0, its default and softprompt's, is a plain
+  average), b1=X: its beta1 (0.9: how far the gradient point leans to the average). adamw:
   res=M: a residual reparameterization, the prompt is P + MLP(P) with a shared d-M-d ReLU
   MLP whose output layer starts at zero (so the start is unchanged), trained with P, at
   mlr=X times the rate (default 1); avg=F: score the mean of the prompts over the last F of
@@ -129,10 +128,8 @@ STAGES = {
         "adamw:0.03:w0.1-cos0.1:vocab",  # softprompt's defaults before this study
         "adamw:0.03:w0.1-cos1:passage",  # warmup then constant, from a training passage
         "adamw:r0.22:w0.1-cos1:passage",  # the same at 0.22 x the embeddings' RMS
-        "sf:0.03:w0.1-cos1:passage",  # the same with schedule-free AdamW
+        "sf:0.03:w0.1-cos1:passage",  # the same with schedule-free AdamW: the defaults
         "sf:r0.22:w0.1-cos1:passage",
-        "sf:0.03:w0.1-cos1:passage:r=2",  # the same, its average weighted by step^2: the defaults
-        "sf:r0.22:w0.1-cos1:passage:r=2",
     ],
 }
 

@@ -32,11 +32,6 @@ from .formats import mtjsp
 from .formats.common import torch_load, torch_load_reason
 from .runfiles import CHECKPOINT_FILE, SOFTPROMPT_FILE
 
-# Schedule-free AdamW's average weights step k by k**AVERAGE_POWER (the library's ``r``; its
-# default, 0, is a plain average): in short runs a plain average keeps too much of the first
-# steps. bench/defaults_study.py chose 2 (README, "Choosing the defaults").
-AVERAGE_POWER = 2.0
-
 FORMAT = "softprompt-checkpoint"
 VERSION = 1
 
@@ -181,7 +176,7 @@ def make_optimizer(cfg: TrainConfig, soft: torch.nn.Parameter) -> torch.optim.Op
     if not isinstance(lr, (int, float)):
         raise TypeError(f"the optimizer needs a number for lr; --lr {lr} is decided by the run")
     if cfg.optimizer == "schedulefree":
-        return AdamWScheduleFree([soft], lr=lr, weight_decay=cfg.weight_decay, r=AVERAGE_POWER)
+        return AdamWScheduleFree([soft], lr=lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW([soft], lr=lr, weight_decay=cfg.weight_decay)
     if hasattr(torch.optim, "Adafactor"):  # torch >= 2.5

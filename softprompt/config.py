@@ -229,8 +229,7 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0 disables)")
     optimizer: str = _opt(
         "schedulefree",
-        "schedulefree (AdamW without a schedule, Defazio et al. 2024: its steps are averaged, "
-        "later ones weighted more), "
+        "schedulefree (AdamW without a schedule, Defazio et al. 2024: its steps are averaged), "
         "adamw or adafactor",
         OPTIMIZERS,
     )

@@ -371,30 +371,6 @@ def test_schedule_free_steps_are_the_librarys_and_the_prompt_between_them_is_the
     assert not torch.allclose(ours.detach(), z)  # the average, not the last iterate
 
 
-def test_schedule_free_average_leans_to_later_steps_and_old_runs_resume_with_theirs(
-    tiny_llama, corpus, tmp_path, monkeypatch
-):
-    """New runs weight schedule-free AdamW's average by step**2; a run started with the plain
-    average (the weighting before) resumes with it, bit-exactly (the optimizer's saved state
-    carries its weighting)."""
-    from softprompt import checkpoint
-
-    common = dict(
-        dataset=str(corpus), model=tiny_llama, block_size=32, batch_size=2, progress=False,
-        eval_every=0, lr=0.05,
-    )  # fmt: skip
-    weighted = train(output=str(tmp_path / "new"), max_steps=5, **common)
-    with monkeypatch.context() as m:
-        m.setattr(checkpoint, "AVERAGE_POWER", 0.0)
-        plain = train(output=str(tmp_path / "plain"), max_steps=5, **common)
-        train(output=str(tmp_path / "old"), max_steps=2, **common)
-    assert not torch.equal(weighted.soft_prompt.tensor, plain.soft_prompt.tensor)
-    saved = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
-    assert saved["optimizer"]["param_groups"][0]["r"] == 0.0
-    resumed = train(output=str(tmp_path / "old"), max_steps=5, resume=True, **common)
-    assert torch.equal(resumed.soft_prompt.tensor, plain.soft_prompt.tensor)
-
-
 def test_finished_run_can_be_extended_with_resume(tiny_llama, corpus, tmp_path):
     common = dict(
         dataset=str(corpus),
