@@ -566,6 +566,7 @@ def cmd_run(args) -> None:
     contestants = [Contestant.parse(x) for x in (args.contestants or STAGES[args.stage])]
     done = {key(r) for r in read_results(args.results)}
     lm = load(args.model)
+    dtype = str(lm.dtype).removeprefix("torch.")
     s = make_setup(lm, args.model, args.corpus, args.block_size, args.batch_size)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     print(
@@ -580,7 +581,7 @@ def cmd_run(args) -> None:
             "batch": args.batch_size, "seed": args.seed, "contestant": c.spec,
             "run_steps": run_steps, "at": at, "heldout_loss": held, "train_loss": train,
             "train_s": round(secs, 1), "torch": torch.__version__, "emb_rms": s.emb_rms,
-            "dtype": str(lm.dtype).removeprefix("torch."),
+            "dtype": dtype,
         }  # fmt: skip
         with args.results.open("a") as fh:
             fh.write(json.dumps(r) + "\n")
@@ -595,7 +596,7 @@ def cmd_run(args) -> None:
         wanted = [(max(steps), steps)] if c.length_free else [(n, [n]) for n in steps]
         for total, score_at in wanted:
             k = (
-                str(lm.dtype).removeprefix("torch."),
+                dtype,
                 args.model,
                 args.corpus,
                 args.block_size,
@@ -737,7 +738,8 @@ def cmd_target(args) -> None:
             flush=True,
         )
     print(
-        f"mean difference over {len(rows)} seed(s): {sum(rows) / len(rows):+.4f} nats (target: -0.02 or lower)"
+        f"mean difference over {len(rows)} seed(s), {lm.dtype}: {sum(rows) / len(rows):+.4f} nats "
+        "(target: -0.02 or lower)"
     )
 
 
