@@ -546,6 +546,11 @@ def dtype_of(r: dict) -> str:
     return r.get("dtype", "bfloat16")
 
 
+def dtype_name(lm) -> str:
+    """The model's dtype as a result row names it: float32, bfloat16."""
+    return str(lm.dtype).removeprefix("torch.")
+
+
 def key(r: dict) -> tuple:
     return (
         dtype_of(r),
@@ -566,7 +571,7 @@ def cmd_run(args) -> None:
     contestants = [Contestant.parse(x) for x in (args.contestants or STAGES[args.stage])]
     done = {key(r) for r in read_results(args.results)}
     lm = load(args.model)
-    dtype = str(lm.dtype).removeprefix("torch.")
+    dtype = dtype_name(lm)
     s = make_setup(lm, args.model, args.corpus, args.block_size, args.batch_size)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     print(
@@ -738,7 +743,7 @@ def cmd_target(args) -> None:
             flush=True,
         )
     print(
-        f"mean difference over {len(rows)} seed(s), {lm.dtype}: {sum(rows) / len(rows):+.4f} nats "
+        f"mean difference over {len(rows)} seed(s), {dtype_name(lm)}: {sum(rows) / len(rows):+.4f} nats "
         "(target: -0.02 or lower)"
     )
 
@@ -814,7 +819,7 @@ def cmd_check(args) -> None:
 
 
 def main() -> None:
-    from softprompt.config import read_value
+    from softprompt.config import DTYPES, read_value
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -830,7 +835,7 @@ def main() -> None:
     table.add_argument("--steps", type=int, nargs="+", default=[30, 60, 100, 300])
     table.add_argument("--reference", default="peft:0.03:const:peft-text")
     table.add_argument(
-        "--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+        "--dtype", default="bfloat16", choices=[d for d in DTYPES if d != "auto"],
         help="the results computed in this dtype (the model's: softprompt picks bfloat16 on "
         "CPUs with AMX or AVX512-BF16, float32 on others)",
     )  # fmt: skip
