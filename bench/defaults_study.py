@@ -49,6 +49,7 @@ from what exists.
         --contestants peft:0.03:const:peft-text adamw:r0.3:w0-cos0:vocab --steps 30 300
     PYTHONPATH=. python bench/defaults_study.py target      # 60 steps, 4 x 256, unseen corpus
     PYTHONPATH=. python bench/defaults_study.py table [--results FILE]
+    PYTHONPATH=. python bench/defaults_study.py paired --corpus pydocs --steps 60 --dtype float32
     PYTHONPATH=. python bench/defaults_study.py check
 """
 
@@ -551,6 +552,34 @@ def dtype_name(lm) -> str:
     return str(lm.dtype).removeprefix("torch.")
 
 
+def write_row(
+    args,
+    s: Setup,
+    dtype: str,
+    seed: int,
+    spec: str,
+    run_steps: int,
+    at: int,
+    held: float,
+    train: float,
+    secs: float,
+) -> None:
+    """One result appended to ``args.results``: ``spec`` trained ``run_steps`` steps, scored
+    after ``at``."""
+    import torch
+
+    r = {
+        "model": args.model, "corpus": args.corpus, "block": args.block_size,
+        "batch": args.batch_size, "seed": seed, "contestant": spec,
+        "run_steps": run_steps, "at": at, "heldout_loss": held, "train_loss": train,
+        "train_s": round(secs, 1), "torch": torch.__version__, "emb_rms": s.emb_rms,
+        "dtype": dtype,
+    }  # fmt: skip
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    with args.results.open("a") as fh:
+        fh.write(json.dumps(r) + "\n")
+
+
 def key(r: dict) -> tuple:
     return (
         dtype_of(r),
@@ -566,14 +595,11 @@ def key(r: dict) -> tuple:
 
 
 def cmd_run(args) -> None:
-    import torch
-
     contestants = [Contestant.parse(x) for x in (args.contestants or STAGES[args.stage])]
     done = {key(r) for r in read_results(args.results)}
     lm = load(args.model)
     dtype = dtype_name(lm)
     s = make_setup(lm, args.model, args.corpus, args.block_size, args.batch_size)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
     print(
         f"{args.model} ({lm.dtype}), {args.corpus}: {len(s.train_blocks)} training blocks of "
         f"{args.block_size}, held-out {len(s.heldout)} blocks; embeddings' RMS {s.emb_rms:.4f}",
@@ -581,15 +607,7 @@ def cmd_run(args) -> None:
     )
 
     def record(c: Contestant, run_steps: int, at: int, held: float, train: float, secs: float):
-        r = {
-            "model": args.model, "corpus": args.corpus, "block": args.block_size,
-            "batch": args.batch_size, "seed": args.seed, "contestant": c.spec,
-            "run_steps": run_steps, "at": at, "heldout_loss": held, "train_loss": train,
-            "train_s": round(secs, 1), "torch": torch.__version__, "emb_rms": s.emb_rms,
-            "dtype": dtype,
-        }  # fmt: skip
-        with args.results.open("a") as fh:
-            fh.write(json.dumps(r) + "\n")
+        write_row(args, s, dtype, args.seed, c.spec, run_steps, at, held, train, secs)
         print(
             f"  {c.spec:32} {at:4d}/{run_steps:<4d} held-out {held:.4f}  train {train:.4f}  {secs:6.0f} s",
             flush=True,
@@ -600,17 +618,12 @@ def cmd_run(args) -> None:
     for c in contestants:
         wanted = [(max(steps), steps)] if c.length_free else [(n, [n]) for n in steps]
         for total, score_at in wanted:
-            k = (
-                dtype,
-                args.model,
-                args.corpus,
-                args.block_size,
-                args.batch_size,
-                args.seed,
-                c.spec,
-                total,
-            )
-            if any((*k, n) not in done for n in score_at):
+            run = {
+                "dtype": dtype, "model": args.model, "corpus": args.corpus,
+                "block": args.block_size, "batch": args.batch_size, "seed": args.seed,
+                "contestant": c.spec, "run_steps": total,
+            }  # fmt: skip
+            if any(key({**run, "at": n}) not in done for n in score_at):
                 tracks.append(Track(c, total, score_at))
     print(
         f"{len(tracks)} runs to make: {', '.join(f'{t.c.spec}@{t.total}' for t in tracks)}",
@@ -623,16 +636,24 @@ def cmd_run(args) -> None:
 # ----------------------------------------------------------------------------- the table
 
 
+def by_seed(
+    results: list[dict], spec: str, model: str, corpus: str, steps: int, block: int
+) -> dict[int, float]:
+    """The held-out loss of ``spec`` after ``steps`` steps, by seed (a constant-rate
+    contestant's longer run counts: its first ``steps`` are the same run)."""
+    return {
+        r["seed"]: r["heldout_loss"] for r in results
+        if r["contestant"] == spec and r["model"] == model and r["corpus"] == corpus
+        and r["at"] == steps and r["block"] == block
+        and (r["run_steps"] == steps or Contestant.parse(spec).length_free)
+    }  # fmt: skip
+
+
 def cell(
     results: list[dict], spec: str, model: str, corpus: str, steps: int, block: int
 ) -> float | None:
     """The held-out loss of ``spec`` after ``steps`` steps (mean over seeds), or None."""
-    vals = [
-        r["heldout_loss"] for r in results
-        if r["contestant"] == spec and r["model"] == model and r["corpus"] == corpus
-        and r["at"] == steps and r["block"] == block
-        and (r["run_steps"] == steps or Contestant.parse(spec).length_free)
-    ]  # fmt: skip
+    vals = list(by_seed(results, spec, model, corpus, steps, block).values())
     return sum(vals) / len(vals) if vals else None
 
 
@@ -701,6 +722,64 @@ def cmd_table(args) -> None:
             )
 
 
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def t975(df: int) -> float:
+    """Student's t at 0.975 (a two-sided 95% interval) for ``df`` degrees of freedom: the
+    table to 10, then its Cornish-Fisher expansion (within 0.003 of the table from 11)."""
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def cmd_paired(args) -> None:
+    """Each contestant against the reference seed by seed in one column (model, corpus,
+    steps): the mean difference over the seeds both have, with its 95% interval. One run's
+    held-out loss moves by about 0.01 with the seed (the blocks and their order), so a
+    margin is a claim about this mean, not about one run."""
+    import statistics
+
+    results = [
+        r for r in read_results(args.results)
+        if r["block"] == args.block_size and r["batch"] == args.batch_size
+        and dtype_of(r) == args.dtype
+    ]  # fmt: skip
+    col = (args.model, args.corpus, args.steps, args.block_size)
+    ref = by_seed(results, args.reference, *col)
+    specs = args.contestants or [
+        x for x in dict.fromkeys(r["contestant"] for r in results) if x != args.reference
+    ]
+    print(
+        f"{args.model}, {args.corpus}, {args.steps} steps of {args.batch_size} x "
+        f"{args.block_size}, {args.dtype}: held-out loss minus {args.reference}'s, seed by seed"
+    )
+    shown = 0
+    for spec in specs:
+        mine = by_seed(results, spec, *col)
+        seeds = sorted(set(mine) & set(ref))
+        if len(seeds) < args.min_seeds:
+            continue
+        shown += 1
+        d = [mine[x] - ref[x] for x in seeds]
+        mean = statistics.fmean(d)
+        print(f"{spec}:")
+        for x, v in zip(seeds, d, strict=True):
+            print(f"  seed {x:5d}  {ref[x]:.4f} -> {mine[x]:.4f}  {v:+.4f}")
+        if len(d) < 2:
+            print(f"  one seed: {mean:+.4f}, no interval")
+            continue
+        se = statistics.stdev(d) / math.sqrt(len(d))
+        lo, hi = mean - t975(len(d) - 1) * se, mean + t975(len(d) - 1) * se
+        print(
+            f"  {len(d)} seeds: mean {mean:+.4f}, sd {statistics.stdev(d):.4f}, standard error "
+            f"{se:.4f}, 95% interval [{lo:+.4f}, {hi:+.4f}]"
+        )
+    if not shown:
+        print(f"  no contestant has {args.min_seeds} or more seeds in common with the reference")
+
+
 # ----------------------------------------------------------------------------- the target
 
 
@@ -713,9 +792,22 @@ def cmd_target(args) -> None:
     import softprompt
 
     lm = load(args.model)
+    dtype = dtype_name(lm)
     s = make_setup(lm, args.model, args.corpus, args.block_size, args.batch_size)
+    spec = f"train:{args.lr}"
+    done = by_seed(
+        done_rows(args, dtype), spec, args.model, args.corpus, args.steps, args.block_size
+    )
     rows = []
     for seed in args.seeds:
+        if seed in done:  # run before: its row is in the results
+            peft = peft_loss(args, s, dtype, seed)
+            rows.append(done[seed] - peft)
+            print(
+                f"seed {seed}: softprompt's defaults {done[seed]:.4f} (in the results); "
+                f"PEFT's plain loop, text init {peft:.4f}; difference {done[seed] - peft:+.4f}"
+            )
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / f"{args.corpus}.txt"
             # the training part of the corpus, as a user would give it (softprompt holds out
@@ -731,21 +823,49 @@ def cmd_target(args) -> None:
                 progress=False, report=False, save_every=0,
             )  # fmt: skip
             secs = time.perf_counter() - t0
-        got = {}
-        peft = Track(Contestant.parse("peft:0.03:const:peft-text"), args.steps, [args.steps])
-        train_tracks(s, [peft], seed, lambda c, t, a, h, tr, sec, got=got: got.update(h=h), 1)
         mine = heldout_losses(s, [r.soft_prompt.tensor.float()])[0]
-        rows.append(mine - got["h"])
+        losses = [m["loss"] for m in r.metrics if "loss" in m][-10:]
+        train = sum(losses) / len(losses) if losses else math.nan
+        write_row(args, s, dtype, seed, spec, args.steps, args.steps, mine, train, secs)
+        peft = peft_loss(args, s, dtype, seed)
+        rows.append(mine - peft)
         print(
             f"seed {seed}: softprompt's defaults (lr {r.config.lr:g}, warmup {r.config.warmup:g}, "
             f"init {r.config.init}, {args.steps} steps of {args.batch_size} x {args.block_size}, {secs:.0f} s) "
-            f"{mine:.4f}; PEFT's plain loop, text init {got['h']:.4f}; difference {mine - got['h']:+.4f}",
+            f"{mine:.4f}; PEFT's plain loop, text init {peft:.4f}; difference {mine - peft:+.4f}",
             flush=True,
         )
     print(
-        f"mean difference over {len(rows)} seed(s), {dtype_name(lm)}: {sum(rows) / len(rows):+.4f} nats "
-        "(target: -0.02 or lower)"
+        f"mean difference over {len(rows)} seed(s), {dtype}: {sum(rows) / len(rows):+.4f} nats "
+        f"(target: -0.02 or lower; `paired --dtype {dtype}` gives its interval over every seed run)"
     )
+
+
+def done_rows(args, dtype: str) -> list[dict]:
+    """The results in ``dtype`` with ``args``' batch size."""
+    return [
+        r for r in read_results(args.results)
+        if dtype_of(r) == dtype and r["batch"] == args.batch_size
+    ]  # fmt: skip
+
+
+def peft_loss(args, s: Setup, dtype: str, seed: int) -> float:
+    """PEFT's loop from text after ``args.steps`` steps with ``seed``: from the results when
+    they have it, else trained (and recorded)."""
+    spec = "peft:0.03:const:peft-text"
+    done = by_seed(
+        done_rows(args, dtype), spec, args.model, args.corpus, args.steps, args.block_size
+    )
+    if seed in done:
+        return done[seed]
+    got: dict = {}
+
+    def record(c, run_steps, at, held, train, secs) -> None:
+        write_row(args, s, dtype, seed, c.spec, run_steps, at, held, train, secs)
+        got["h"] = held
+
+    train_tracks(s, [Track(Contestant.parse(spec), args.steps, [args.steps])], seed, record, 1)
+    return got["h"]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -833,12 +953,6 @@ def main() -> None:
     run.add_argument("--group", type=int, default=12, help="contestants per forward pass at most")
     table = sub.add_parser("table", help="print the table from the results")
     table.add_argument("--steps", type=int, nargs="+", default=[30, 60, 100, 300])
-    table.add_argument("--reference", default="peft:0.03:const:peft-text")
-    table.add_argument(
-        "--dtype", default="bfloat16", choices=[d for d in DTYPES if d != "auto"],
-        help="the results computed in this dtype (the model's: softprompt picks bfloat16 on "
-        "CPUs with AMX or AVX512-BF16, float32 on others)",
-    )  # fmt: skip
     target = sub.add_parser("target", help="the issue's 60-step target on the unseen corpus")
     target.add_argument("--model", choices=list(MODELS), default="smollm2")
     target.add_argument("--corpus", choices=list(CORPORA), default="pydocs")
@@ -848,14 +962,29 @@ def main() -> None:
         "--lr", default="auto", type=lambda text: read_value("float or auto", text),
         help="softprompt's --lr (default: auto, its default)",
     )  # fmt: skip
+    paired = sub.add_parser(
+        "paired", help="contestants against the reference seed by seed, with a 95%% interval"
+    )
+    paired.add_argument("--model", choices=list(MODELS), default="smollm2")
+    paired.add_argument("--corpus", choices=list(CORPORA), default="pydocs")
+    paired.add_argument("--steps", type=int, default=60)
+    paired.add_argument("--contestants", nargs="+", help="default: every one with --min-seeds")
+    paired.add_argument("--min-seeds", type=int, default=2)
     check = sub.add_parser(
         "check", help="the study's step and evaluator are softprompt's and PEFT's"
     )
     check.add_argument("--steps", type=int, default=3)
-    for p in (run, table, target):
+    for p in (run, table, target, paired):
         p.add_argument("--results", type=Path, default=RESULTS)
         p.add_argument("--block-size", type=int, default=256)
         p.add_argument("--batch-size", type=int, default=4)
+    for p in (table, paired):
+        p.add_argument("--reference", default="peft:0.03:const:peft-text")
+        p.add_argument(
+            "--dtype", default="bfloat16", choices=[d for d in DTYPES if d != "auto"],
+            help="the results computed in this dtype (the model's: softprompt picks bfloat16 "
+            "on CPUs with AMX or AVX512-BF16, float32 on others)",
+        )  # fmt: skip
     run.add_argument("--seed", type=int, default=SEED)
     args = ap.parse_args()
     if args.cmd == "run":
@@ -864,7 +993,11 @@ def main() -> None:
         print(
             f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
         )
-    {"run": cmd_run, "table": cmd_table, "target": cmd_target, "check": cmd_check}[args.cmd](args)
+    commands = {
+        "run": cmd_run, "table": cmd_table, "paired": cmd_paired, "target": cmd_target,
+        "check": cmd_check,
+    }  # fmt: skip
+    commands[args.cmd](args)
 
 
 if __name__ == "__main__":
