@@ -661,6 +661,7 @@ def cmd_table(args) -> None:
     results = [
         r for r in read_results(args.results)
         if r["block"] == args.block_size and dtype_of(r) == args.dtype
+        and (not args.seeds or r["seed"] in args.seeds)
     ]  # fmt: skip
     if not results:
         print(f"no results in {args.results} for block {args.block_size} in {args.dtype}")
@@ -953,6 +954,9 @@ def main() -> None:
     run.add_argument("--group", type=int, default=12, help="contestants per forward pass at most")
     table = sub.add_parser("table", help="print the table from the results")
     table.add_argument("--steps", type=int, nargs="+", default=[30, 60, 100, 300])
+    table.add_argument(
+        "--seeds", type=int, nargs="+", help="only these seeds (default: a cell is the mean of all)"
+    )
     target = sub.add_parser("target", help="the issue's 60-step target on the unseen corpus")
     target.add_argument("--model", choices=list(MODELS), default="smollm2")
     target.add_argument("--corpus", choices=list(CORPORA), default="pydocs")
