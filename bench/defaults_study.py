@@ -760,7 +760,7 @@ def cmd_paired(args) -> None:
     for spec in specs:
         mine = by_seed(results, spec, *col)
         seeds = sorted(set(mine) & set(ref))
-        if len(seeds) < args.min_seeds:
+        if len(seeds) < max(1, args.min_seeds):  # none in common: nothing to compare
             continue
         shown += 1
         d = [mine[x] - ref[x] for x in seeds]
