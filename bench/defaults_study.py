@@ -742,11 +742,7 @@ def cmd_paired(args) -> None:
     margin is a claim about this mean, not about one run."""
     import statistics
 
-    results = [
-        r for r in read_results(args.results)
-        if r["block"] == args.block_size and r["batch"] == args.batch_size
-        and dtype_of(r) == args.dtype
-    ]  # fmt: skip
+    results = results_in(args, args.dtype)
     col = (args.model, args.corpus, args.steps, args.block_size)
     ref = by_seed(results, args.reference, *col)
     specs = args.contestants or [
@@ -771,10 +767,11 @@ def cmd_paired(args) -> None:
         if len(d) < 2:
             print(f"  one seed: {mean:+.4f}, no interval")
             continue
-        se = statistics.stdev(d) / math.sqrt(len(d))
+        sd = statistics.stdev(d)
+        se = sd / math.sqrt(len(d))
         lo, hi = mean - t975(len(d) - 1) * se, mean + t975(len(d) - 1) * se
         print(
-            f"  {len(d)} seeds: mean {mean:+.4f}, sd {statistics.stdev(d):.4f}, standard error "
+            f"  {len(d)} seeds: mean {mean:+.4f}, sd {sd:.4f}, standard error "
             f"{se:.4f}, 95% interval [{lo:+.4f}, {hi:+.4f}]"
         )
     if not shown:
@@ -790,59 +787,63 @@ def cmd_target(args) -> None:
     unseen corpus, both scored by this study's evaluator on its held-out passage."""
     import numpy as np
 
-    import softprompt
-
     lm = load(args.model)
     dtype = dtype_name(lm)
     s = make_setup(lm, args.model, args.corpus, args.block_size, args.batch_size)
     spec = f"train:{args.lr}"
     done = by_seed(
-        done_rows(args, dtype), spec, args.model, args.corpus, args.steps, args.block_size
+        results_in(args, dtype), spec, args.model, args.corpus, args.steps, args.block_size
     )
     rows = []
-    for seed in args.seeds:
-        if seed in done:  # run before: its row is in the results
-            peft = peft_loss(args, s, dtype, seed)
-            rows.append(done[seed] - peft)
-            print(
-                f"seed {seed}: softprompt's defaults {done[seed]:.4f} (in the results); "
-                f"PEFT's plain loop, text init {peft:.4f}; difference {done[seed] - peft:+.4f}"
-            )
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            data = Path(tmp) / f"{args.corpus}.txt"
-            # the training part of the corpus, as a user would give it (softprompt holds out
-            # its own validation blocks from it); the held-out passage stays unseen
-            data.write_text(
-                lm.tokenizer.decode(np.concatenate(list(s.train_blocks)).tolist()), encoding="utf-8"
-            )
-            t0 = time.perf_counter()
-            r = softprompt.train(
-                dataset=str(data), output=str(Path(tmp) / "out"), model=lm, max_steps=args.steps,
-                batch_size=args.batch_size, block_size=args.block_size, seed=seed,
-                lr=args.lr,
-                progress=False, report=False, save_every=0,
-            )  # fmt: skip
-            secs = time.perf_counter() - t0
-        mine = heldout_losses(s, [r.soft_prompt.tensor.float()])[0]
-        losses = [m["loss"] for m in r.metrics if "loss" in m][-10:]
-        train = sum(losses) / len(losses) if losses else math.nan
-        write_row(args, s, dtype, seed, spec, args.steps, args.steps, mine, train, secs)
-        peft = peft_loss(args, s, dtype, seed)
-        rows.append(mine - peft)
-        print(
-            f"seed {seed}: softprompt's defaults (lr {r.config.lr:g}, warmup {r.config.warmup:g}, "
-            f"init {r.config.init}, {args.steps} steps of {args.batch_size} x {args.block_size}, {secs:.0f} s) "
-            f"{mine:.4f}; PEFT's plain loop, text init {peft:.4f}; difference {mine - peft:+.4f}",
-            flush=True,
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / f"{args.corpus}.txt"
+        # the training part of the corpus, as a user would give it (softprompt holds out its
+        # own validation blocks from it); the held-out passage stays unseen
+        data.write_text(
+            lm.tokenizer.decode(np.concatenate(list(s.train_blocks)).tolist()), encoding="utf-8"
         )
+        for seed in args.seeds:
+            if seed in done:  # run before: its row is in the results
+                mine, how = done[seed], "in the results"
+            else:
+                mine, how = train_defaults(args, s, dtype, seed, spec, data)
+            peft = peft_loss(args, s, dtype, seed)
+            rows.append(mine - peft)
+            print(
+                f"seed {seed}: softprompt's defaults ({how}) {mine:.4f}; PEFT's plain loop, "
+                f"text init {peft:.4f}; difference {mine - peft:+.4f}",
+                flush=True,
+            )
     print(
         f"mean difference over {len(rows)} seed(s), {dtype}: {sum(rows) / len(rows):+.4f} nats "
         f"(target: -0.02 or lower; `paired --dtype {dtype}` gives its interval over every seed run)"
     )
 
 
-def done_rows(args, dtype: str) -> list[dict]:
+def train_defaults(args, s: Setup, dtype: str, seed: int, spec: str, data: Path) -> tuple:
+    """`softprompt train` on ``data`` with ``seed``, scored and recorded: (held-out loss, what
+    it ran with)."""
+    import softprompt
+
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        r = softprompt.train(
+            dataset=str(data), output=out + "/run", model=s.lm, max_steps=args.steps,
+            batch_size=args.batch_size, block_size=args.block_size, seed=seed, lr=args.lr,
+            progress=False, report=False, save_every=0,
+        )  # fmt: skip
+        secs = time.perf_counter() - t0
+    mine = heldout_losses(s, [r.soft_prompt.tensor.float()])[0]
+    losses = [m["loss"] for m in r.metrics if "loss" in m][-10:]
+    train = sum(losses) / len(losses) if losses else math.nan
+    write_row(args, s, dtype, seed, spec, args.steps, args.steps, mine, train, secs)
+    return mine, (
+        f"lr {r.config.lr:g}, warmup {r.config.warmup:g}, init {r.config.init}, {args.steps} "
+        f"steps of {args.batch_size} x {args.block_size}, {secs:.0f} s"
+    )
+
+
+def results_in(args, dtype: str) -> list[dict]:
     """The results in ``dtype`` with ``args``' batch size."""
     return [
         r for r in read_results(args.results)
@@ -855,7 +856,7 @@ def peft_loss(args, s: Setup, dtype: str, seed: int) -> float:
     they have it, else trained (and recorded)."""
     spec = "peft:0.03:const:peft-text"
     done = by_seed(
-        done_rows(args, dtype), spec, args.model, args.corpus, args.steps, args.block_size
+        results_in(args, dtype), spec, args.model, args.corpus, args.steps, args.block_size
     )
     if seed in done:
         return done[seed]
